@@ -1,0 +1,166 @@
+"""The contracts every component implements: signals, capabilities, errors, factories.
+
+A pipeline is receivers -> processors -> exporters. Data moves as batches
+(see ``agent.pdata``); every hop is ``await consumer.consume(batch)``.
+
+Ownership (the collector's ``consumer.Traces`` rule): ``consume(batch)`` hands the
+batch over. After it returns or raises, the caller must not touch the batch again.
+A consumer that changes batches declares ``Capabilities(mutates_data=True)``; the
+graph then hands it its own copy whenever the batch is also going elsewhere.
+A consumer that keeps data past ``consume`` (a queue, a window) either keeps the
+batch itself (it owns it now) or copies out the values it needs.
+
+Acknowledgement: ``consume`` returning normally means the data is safe downstream
+(accepted by every exporter, persisted where the exporter's queue is persistent).
+It raises ``RetryableError`` when the sender should try again later (backpressure,
+a full queue, a backend outage) and ``PermanentError`` when the data can never be
+accepted (it is dropped and counted by whoever raised it).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from agent.pdata import Batch
+    from agent.telemetry import ComponentTelemetry
+
+
+class Signal(enum.StrEnum):
+    """The three OTLP signals."""
+
+    TRACES = "traces"
+    METRICS = "metrics"
+    LOGS = "logs"
+
+
+class Kind(enum.StrEnum):
+    """Where a component sits in a pipeline."""
+
+    RECEIVER = "receiver"
+    PROCESSOR = "processor"
+    EXPORTER = "exporter"
+    CONNECTOR = "connector"
+
+
+class Status(enum.StrEnum):
+    """A component's health, as shown on ``/status`` and ``/readyz``."""
+
+    STARTING = "starting"
+    OK = "ok"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a consumer does with the batches it is handed."""
+
+    mutates_data: bool = False
+
+
+class PipelineError(Exception):
+    """Base of the two errors that may cross a component boundary."""
+
+
+class PermanentError(PipelineError):
+    """The data can never be accepted: drop it (the raiser counts it) and do not retry.
+
+    ``rejected`` is how many items (spans, points, log records) were refused, when
+    only part of a batch was; ``None`` means the whole batch.
+    """
+
+    def __init__(self, message: str, *, rejected: int | None = None) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+
+
+class RetryableError(PipelineError):
+    """Try again later. ``retry_after`` (seconds) is the peer's or our own hint."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@runtime_checkable
+class Consumer(Protocol):
+    """Something that accepts batches. See the module docstring for the contract."""
+
+    capabilities: Capabilities
+
+    async def consume(self, batch: Batch) -> None: ...
+
+
+class Component(Protocol):
+    """A running part of the graph.
+
+    ``start`` returns promptly once the component is ready (listeners bound, files
+    open); background work runs in tasks the component owns. ``shutdown`` is
+    idempotent, safe to call without ``start``, and flushes what the component
+    holds into its next consumers (which are still running when it is called).
+    """
+
+    async def start(self, host: Host) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+@dataclass
+class Host:
+    """What the running agent offers its components at start.
+
+    ``services`` holds shared in-process services by name (for example the hardware
+    snapshot that the ``host`` receiver fills and the ``enrich`` processor reads);
+    a component that provides one registers it in ``start``.
+    """
+
+    state_dir: Path
+    services: dict[str, Any] = field(default_factory=dict)
+    report_status: Callable[[str, Status, str | None], None] = lambda _id, _s, _e: None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Identity and instruments handed to a factory's ``create``."""
+
+    id: str  # "type" or "type/name"
+    kind: Kind
+    telemetry: ComponentTelemetry
+
+    @property
+    def type(self) -> str:
+        return self.id.split("/", 1)[0]
+
+
+class Factory(Protocol):
+    """Creates one kind of component from its typed config.
+
+    ``config_class`` is a dataclass whose field defaults are the component's defaults
+    (see ``agent.config`` for the field types it understands); it may define
+    ``validate(self) -> list[str]`` returning errors as ``"key: message"`` strings.
+    Validation is pure: no I/O.
+
+    ``create`` is called once per component id (once per pipeline for processors).
+    ``next`` maps each signal the component emits to the consumer that receives it:
+    empty for exporters, one signal for processors, the receiver's or connector's
+    output signals otherwise. Receivers and exporters used in several pipelines are
+    one instance; an exporter or connector's ``consume`` sees batches of every
+    signal it was wired for and dispatches on ``batch.signal``.
+    """
+
+    type: ClassVar[str]
+    kind: ClassVar[Kind]
+    config_class: ClassVar[type]
+    # Signals accepted (exporters, processors, connectors) and emitted (receivers,
+    # processors, connectors). For a connector, ``signals`` are its inputs and
+    # ``output_signals`` what it emits.
+    signals: ClassVar[frozenset[Signal]]
+    output_signals: ClassVar[frozenset[Signal]] = frozenset()
+
+    def create(self, settings: Settings, config: Any, next: Mapping[Signal, Consumer]) -> Any: ...

@@ -1,0 +1,410 @@
+"""Batches: the OTLP request message is the in-memory model.
+
+A batch wraps the protobuf request it arrived as (``ExportTraceServiceRequest`` and
+friends). Decode once at the edge, encode once at the edge. Fields the windowed
+connectors need are extracted once per batch into columns (``TraceBatch.columns``),
+cached on the batch and shared by every reader; a component that mutates the batch
+must call ``invalidate()`` afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar
+
+import numpy as np
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from agent.component import Signal
+
+ML_PREFIX = "ml."
+GENAI_MODEL = "gen_ai.request.model"
+
+
+# --------------------------------------------------------------------------- values
+
+
+def anyvalue_to_python(v: AnyValue) -> Any:
+    """Convert an OTLP ``AnyValue`` into a plain Python value (None when unset)."""
+    which = v.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return [anyvalue_to_python(x) for x in v.array_value.values]
+    if which == "kvlist_value":
+        return {kv.key: anyvalue_to_python(kv.value) for kv in v.kvlist_value.values}
+    return getattr(v, which)
+
+
+def python_to_anyvalue(value: Any, out: AnyValue | None = None) -> AnyValue:
+    """Fill (or create) an ``AnyValue`` from a Python value."""
+    out = out if out is not None else AnyValue()
+    if isinstance(value, bool):
+        out.bool_value = value
+    elif isinstance(value, int):
+        out.int_value = value
+    elif isinstance(value, float):
+        out.double_value = value
+    elif isinstance(value, str):
+        out.string_value = value
+    elif isinstance(value, bytes):
+        out.bytes_value = value
+    elif isinstance(value, Mapping):
+        out.kvlist_value.SetInParent()
+        for k, item in value.items():
+            python_to_anyvalue(item, out.kvlist_value.values.add(key=str(k)).value)
+    elif isinstance(value, Iterable):
+        out.array_value.SetInParent()
+        for item in value:
+            python_to_anyvalue(item, out.array_value.values.add())
+    elif value is None:
+        out.Clear()
+    else:
+        out.string_value = str(value)
+    return out
+
+
+def attributes_to_dict(attrs: Iterable[KeyValue]) -> dict[str, Any]:
+    """Repeated ``KeyValue`` -> dict (last key wins, as in the SDKs)."""
+    return {kv.key: anyvalue_to_python(kv.value) for kv in attrs}
+
+
+def get_attribute(attrs: Iterable[KeyValue], key: str, default: Any = None) -> Any:
+    """The value of one attribute, without building a dict."""
+    for kv in attrs:
+        if kv.key == key:
+            return anyvalue_to_python(kv.value)
+    return default
+
+
+def set_attribute(attrs: Any, key: str, value: Any, *, overwrite: bool = True) -> bool:
+    """Set ``key`` in a repeated ``KeyValue`` field. Returns True when it wrote."""
+    for kv in attrs:
+        if kv.key == key:
+            if not overwrite:
+                return False
+            python_to_anyvalue(value, kv.value)
+            return True
+    python_to_anyvalue(value, attrs.add(key=key).value)
+    return True
+
+
+def ml_attributes(attrs: Iterable[KeyValue]) -> dict[str, Any]:
+    """The ``ml.*`` attributes (and ``gen_ai.request.model``) of one item."""
+    out: dict[str, Any] = {}
+    for kv in attrs:
+        k = kv.key
+        if k.startswith(ML_PREFIX) or k == GENAI_MODEL:
+            out[k] = anyvalue_to_python(kv.value)
+    return out
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class Batch:
+    """One OTLP export request of one signal. Subclasses fix the message type."""
+
+    signal: ClassVar[Signal]
+    message_type: ClassVar[type]
+
+    def __init__(self, request: Any = None, *, byte_size: int | None = None) -> None:
+        self.request = request if request is not None else self.message_type()
+        self._byte_size = byte_size
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Batch:
+        """Parse a serialised request (raises ``google.protobuf.message.DecodeError``)."""
+        msg = cls.message_type()
+        msg.ParseFromString(data)
+        return cls(msg, byte_size=len(data))
+
+    def to_bytes(self) -> bytes:
+        return self.request.SerializeToString()
+
+    @property
+    def byte_size(self) -> int:
+        """Serialised size in bytes (computed once unless the batch changes)."""
+        if self._byte_size is None:
+            self._byte_size = self.request.ByteSize()
+        return self._byte_size
+
+    @property
+    def item_count(self) -> int:
+        raise NotImplementedError
+
+    def resources(self) -> Any:
+        """The repeated ``Resource*`` field (resource_spans / resource_metrics / ...)."""
+        raise NotImplementedError
+
+    def copy(self) -> Batch:
+        """A deep copy, for a consumer that mutates while others read."""
+        msg = self.message_type()
+        msg.CopyFrom(self.request)
+        return type(self)(msg, byte_size=self._byte_size)
+
+    def invalidate(self) -> None:
+        """Forget cached columns and size after a mutation."""
+        self._byte_size = None
+        for name in ("columns", "item_count_cached"):
+            self.__dict__.pop(name, None)
+
+    def extend(self, other: Batch) -> None:
+        """Append ``other``'s resources to this batch (the batch processor merges)."""
+        self.resources().extend(other.resources())
+        self.invalidate()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} items={self.item_count} bytes={self.byte_size}>"
+
+
+class TraceBatch(Batch):
+    signal = Signal.TRACES
+    message_type = ExportTraceServiceRequest
+
+    def resources(self) -> Any:
+        return self.request.resource_spans
+
+    @property
+    def item_count(self) -> int:
+        return self.item_count_cached
+
+    @cached_property
+    def item_count_cached(self) -> int:
+        return sum(len(ss.spans) for rs in self.request.resource_spans for ss in rs.scope_spans)
+
+    @cached_property
+    def columns(self) -> SpanColumns:
+        return SpanColumns.extract(self.request)
+
+
+class MetricBatch(Batch):
+    signal = Signal.METRICS
+    message_type = ExportMetricsServiceRequest
+
+    def resources(self) -> Any:
+        return self.request.resource_metrics
+
+    @property
+    def item_count(self) -> int:
+        return self.item_count_cached
+
+    @cached_property
+    def item_count_cached(self) -> int:
+        return sum(data_point_count(m) for _, _, m in iter_metrics(self.request))
+
+
+class LogBatch(Batch):
+    signal = Signal.LOGS
+    message_type = ExportLogsServiceRequest
+
+    def resources(self) -> Any:
+        return self.request.resource_logs
+
+    @property
+    def item_count(self) -> int:
+        return self.item_count_cached
+
+    @cached_property
+    def item_count_cached(self) -> int:
+        return sum(len(sl.log_records) for rl in self.request.resource_logs for sl in rl.scope_logs)
+
+    @cached_property
+    def columns(self) -> LogColumns:
+        return LogColumns.extract(self.request)
+
+
+BATCH_TYPES: dict[Signal, type[Batch]] = {
+    Signal.TRACES: TraceBatch,
+    Signal.METRICS: MetricBatch,
+    Signal.LOGS: LogBatch,
+}
+
+
+def batch_from_bytes(signal: Signal, data: bytes) -> Batch:
+    return BATCH_TYPES[signal].from_bytes(data)
+
+
+# --------------------------------------------------------------------------- metrics helpers
+
+_POINT_FIELDS = {
+    "gauge": "data_points",
+    "sum": "data_points",
+    "histogram": "data_points",
+    "exponential_histogram": "data_points",
+    "summary": "data_points",
+}
+
+
+def iter_metrics(request: ExportMetricsServiceRequest) -> Iterator[tuple[Any, Any, Any]]:
+    """Yield ``(resource_metrics, scope_metrics, metric)`` for every metric."""
+    for rm in request.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                yield rm, sm, m
+
+
+def data_points(metric: Any) -> Any:
+    """The repeated data point field of a metric, whatever its type (empty if unset)."""
+    which = metric.WhichOneof("data")
+    if which is None:
+        return ()
+    return getattr(metric, which).data_points
+
+
+def data_point_count(metric: Any) -> int:
+    return len(data_points(metric))
+
+
+# --------------------------------------------------------------------------- columns
+
+
+def service_name(resource: Any) -> str:
+    """``service.name`` of a resource, or ``unknown_service`` as the SDKs default."""
+    return get_attribute(resource.attributes, "service.name") or "unknown_service"
+
+
+@dataclass
+class SpanColumns:
+    """Per-span fields of one trace batch, extracted once, in batch order.
+
+    ``resource_index`` maps each span to its ResourceSpans; per-resource values
+    (``services``) are looked up through it. Times are Unix nanoseconds.
+    """
+
+    n: int
+    resource_index: np.ndarray  # int32
+    services: list[str]  # per resource
+    trace_id: list[bytes]
+    span_id: list[bytes]
+    parent_span_id: list[bytes]
+    name: list[str]
+    kind: np.ndarray  # int8, SpanKind
+    status_code: np.ndarray  # int8, 0 unset, 1 ok, 2 error
+    start: np.ndarray  # int64 ns
+    end: np.ndarray  # int64 ns
+    _spans: list[Any]
+    _resource_attrs: list[Any]
+
+    @classmethod
+    def extract(cls, request: ExportTraceServiceRequest) -> SpanColumns:
+        services: list[str] = []
+        res_attrs: list[Any] = []
+        ridx: list[int] = []
+        spans: list[Any] = []
+        for i, rs in enumerate(request.resource_spans):
+            services.append(service_name(rs.resource))
+            res_attrs.append(rs.resource.attributes)
+            for ss in rs.scope_spans:
+                spans.extend(ss.spans)
+                ridx.extend([i] * len(ss.spans))
+        n = len(spans)
+        return cls(
+            n=n,
+            resource_index=np.asarray(ridx, dtype=np.int32),
+            services=services,
+            trace_id=[s.trace_id for s in spans],
+            span_id=[s.span_id for s in spans],
+            parent_span_id=[s.parent_span_id for s in spans],
+            name=[s.name for s in spans],
+            kind=np.fromiter((s.kind for s in spans), dtype=np.int8, count=n),
+            status_code=np.fromiter((s.status.code for s in spans), dtype=np.int8, count=n),
+            start=np.fromiter((s.start_time_unix_nano for s in spans), dtype=np.int64, count=n),
+            end=np.fromiter((s.end_time_unix_nano for s in spans), dtype=np.int64, count=n),
+            _spans=spans,
+            _resource_attrs=res_attrs,
+        )
+
+    @property
+    def service(self) -> list[str]:
+        """Service name per span."""
+        s = self.services
+        return [s[i] for i in self.resource_index.tolist()]
+
+    @cached_property
+    def ml(self) -> list[dict[str, Any]]:
+        """Per span, its ``ml.*`` attributes merged over its resource's (span wins)."""
+        res_ml = [ml_attributes(a) for a in self._resource_attrs]
+        out = []
+        for i, span in zip(self.resource_index.tolist(), self._spans, strict=True):
+            d = ml_attributes(span.attributes)
+            base = res_ml[i]
+            out.append({**base, **d} if base else d)
+        return out
+
+    def attributes(self, i: int) -> dict[str, Any]:
+        """All attributes of span ``i`` (slow path; prefer columns)."""
+        return attributes_to_dict(self._spans[i].attributes)
+
+    def resource_attributes(self, i: int) -> dict[str, Any]:
+        return attributes_to_dict(self._resource_attrs[int(self.resource_index[i])])
+
+
+@dataclass
+class LogColumns:
+    """Per-record fields of one log batch, extracted once, in batch order."""
+
+    n: int
+    resource_index: np.ndarray
+    services: list[str]
+    trace_id: list[bytes]
+    span_id: list[bytes]
+    time: np.ndarray  # int64 ns (observed time when time is unset)
+    severity: np.ndarray  # int8
+    _records: list[Any]
+    _resource_attrs: list[Any]
+
+    @classmethod
+    def extract(cls, request: ExportLogsServiceRequest) -> LogColumns:
+        services: list[str] = []
+        res_attrs: list[Any] = []
+        ridx: list[int] = []
+        recs: list[Any] = []
+        for i, rl in enumerate(request.resource_logs):
+            services.append(service_name(rl.resource))
+            res_attrs.append(rl.resource.attributes)
+            for sl in rl.scope_logs:
+                recs.extend(sl.log_records)
+                ridx.extend([i] * len(sl.log_records))
+        n = len(recs)
+        return cls(
+            n=n,
+            resource_index=np.asarray(ridx, dtype=np.int32),
+            services=services,
+            trace_id=[r.trace_id for r in recs],
+            span_id=[r.span_id for r in recs],
+            time=np.fromiter(
+                (r.time_unix_nano or r.observed_time_unix_nano for r in recs), dtype=np.int64, count=n
+            ),
+            severity=np.fromiter((r.severity_number for r in recs), dtype=np.int8, count=n),
+            _records=recs,
+            _resource_attrs=res_attrs,
+        )
+
+    @property
+    def service(self) -> list[str]:
+        s = self.services
+        return [s[i] for i in self.resource_index.tolist()]
+
+    @cached_property
+    def ml(self) -> list[dict[str, Any]]:
+        res_ml = [ml_attributes(a) for a in self._resource_attrs]
+        out = []
+        for i, rec in zip(self.resource_index.tolist(), self._records, strict=True):
+            d = ml_attributes(rec.attributes)
+            base = res_ml[i]
+            out.append({**base, **d} if base else d)
+        return out
+
+    def attributes(self, i: int) -> dict[str, Any]:
+        return attributes_to_dict(self._records[i].attributes)
+
+    def record(self, i: int) -> Any:
+        return self._records[i]
