@@ -496,7 +496,32 @@ def _check_pipelines(service: ServiceConfig, components: dict[str, ComponentConf
         elif cid not in connector_as_receiver:
             errors.append(f"connectors.{cid}: used as an exporter but no pipeline receives "
                           "from it")
+    _check_cycles(pipelines, set(connector_as_exporter) & set(connector_as_receiver), errors)
     for key in components:
         if key not in used:
             errors.append(f"{key}: defined but not used in any pipeline")
     return pipelines
+
+
+def _check_cycles(pipelines: dict[str, tuple[Signal, PipelineConfig]], connectors: set[str],
+                  errors: list[str]) -> None:
+    """Pipelines joined through connectors must not loop back on themselves."""
+    edges: dict[str, set[str]] = {pid: set() for pid in pipelines}
+    for pid, (_, p) in pipelines.items():
+        for cid in set(p.exporters) & connectors:
+            edges[pid] |= {q for q, (_, qp) in pipelines.items() if cid in qp.receivers}
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(pid: str, trail: list[str]) -> None:
+        state[pid] = 1
+        for q in sorted(edges[pid]):
+            if state.get(q) == 1:
+                loop = [*trail[trail.index(q):], q] if q in trail else [pid, q]
+                errors.append(f"service.pipelines: connectors form a cycle: {' -> '.join(loop)}")
+            elif q not in state:
+                visit(q, [*trail, q])
+        state[pid] = 2
+
+    for pid in sorted(pipelines):
+        if pid not in state:
+            visit(pid, [pid])

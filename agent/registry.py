@@ -11,8 +11,11 @@ from agent.component import Factory, Kind
 FACTORIES: list[str] = [
     # receivers
     # processors
+    "agent.processors.batch:factory",
     # exporters
+    "agent.exporters.debug:factory",
     # connectors
+    "agent.connectors.count:factory",
 ]
 
 

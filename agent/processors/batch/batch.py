@@ -1,0 +1,115 @@
+"""The batch processor: merges requests, and acknowledges only once the merged batch is taken.
+
+Unlike the collector's batch processor, ``consume`` does not return when the data is
+merely buffered: each caller waits for the flush of the batch its data went into
+and sees that flush's outcome. Batching therefore never weakens the receiver's
+acknowledgement (DESIGN: nothing acknowledged is lost), and a SIGTERM flushes what
+is pending into the exporters before they stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from agent.component import Capabilities, Consumer, Host, Kind, RetryableError, Settings, Signal
+from agent.pdata import Batch
+from agent.processors.batch.config import BatchConfig
+
+
+class _Pending:
+    """The batch being filled and the callers waiting for its flush."""
+
+    def __init__(self, first: Batch, loop: asyncio.AbstractEventLoop) -> None:
+        self.batch = first
+        self.items = first.item_count
+        self.bytes = first.byte_size
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class BatchProcessor:
+    """Merges batches up to ``send_batch_size`` items or ``timeout``, whichever comes first."""
+
+    # It takes ownership of batches and merges into the first one it was handed.
+    capabilities = Capabilities(mutates_data=True)
+
+    def __init__(self, settings: Settings, config: BatchConfig, next: Consumer) -> None:
+        self.settings = settings
+        self.cfg = config
+        self.next = next
+        self._pending: _Pending | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def start(self, host: Host) -> None:
+        self._closed = False
+
+    async def consume(self, batch: Batch) -> None:
+        if self._closed:  # stopping: nothing may wait for a flush that will not come
+            await self.next.consume(batch)
+            return
+        p = self._pending
+        if p is not None and p.bytes + batch.byte_size > self.cfg.max_pending_bytes:
+            self.settings.telemetry.refused(batch.signal, batch.item_count, "batch_pending_full")
+            raise RetryableError("batch processor: too much data pending", retry_after=1.0)
+        loop = asyncio.get_running_loop()
+        if p is None:
+            p = self._pending = _Pending(batch, loop)
+            p.timer = loop.call_later(self.cfg.timeout, self._flush_soon, p)
+        else:
+            p.batch.extend(batch)
+            p.items += batch.item_count
+            p.bytes += batch.byte_size
+        if p.items >= self.cfg.send_batch_size:
+            self._flush_soon(p)
+        await asyncio.shield(p.done)
+
+    def _flush_soon(self, p: _Pending) -> None:
+        if self._pending is not p:
+            return
+        self._pending = None
+        if p.timer is not None:
+            p.timer.cancel()
+        task = asyncio.get_running_loop().create_task(self._flush(p))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush(self, p: _Pending) -> None:
+        try:
+            await self.next.consume(p.batch)
+        except BaseException as e:  # every waiter gets the flush's outcome
+            if not p.done.done():
+                p.done.set_exception(e)
+            # Retrieve it once so an unwaited future does not warn.
+            p.done.exception()
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        else:
+            if not p.done.done():
+                p.done.set_result(None)
+
+    async def shutdown(self) -> None:
+        """Flush what is pending and wait for in-flight flushes."""
+        self._closed = True
+        if self._pending is not None:
+            self._flush_soon(self._pending)
+        if self._flushing:
+            await asyncio.gather(*list(self._flushing), return_exceptions=True)
+
+
+class BatchFactory:
+    type = "batch"
+    kind = Kind.PROCESSOR
+    config_class = BatchConfig
+    signals = frozenset(Signal)
+    output_signals = frozenset(Signal)
+
+    def default_config(self) -> BatchConfig:
+        return BatchConfig()
+
+    def create(self, settings: Settings, config: BatchConfig,
+               next: Mapping[Signal, Consumer]) -> Any:
+        (consumer,) = next.values()
+        return BatchProcessor(settings, config, consumer)

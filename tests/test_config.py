@@ -1,0 +1,132 @@
+"""Config loading: every kind of mistake reported at once, with its key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.__main__ import main
+from agent.component import Signal
+from agent.config import (
+    ConfigError,
+    load_config,
+    load_config_file,
+    parse_bytesize,
+    parse_duration,
+    parse_endpoint,
+)
+from agent.registry import factories
+
+DATA = Path(__file__).parent / "testdata"
+
+
+def load(name: str, env: dict[str, str] | None = None):
+    return load_config_file(DATA / name, factories(), env=env or {})
+
+
+def errors_of(name: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        load(name, env)
+    return ei.value.errors
+
+
+def test_good_config_decodes_typed_values() -> None:
+    cfg = load("good.toml")
+    assert cfg.component("processors", "batch").config.timeout == pytest.approx(0.05)
+    assert cfg.component("connectors", "count").config.interval == 90.0
+    assert cfg.service.shutdown_timeout == 5.0
+    assert cfg.pipelines["traces"][0] is Signal.TRACES
+    assert cfg.pipelines["metrics"][1].receivers == ["otlp", "count"]
+
+
+def test_typo_gets_did_you_mean() -> None:
+    errs = errors_of("typo.toml")
+    assert "processors.batch.send_batch_sise: unknown key (did you mean 'send_batch_size'?)" in errs
+    assert "service.pipelines.traces.receivers: a pipeline needs at least one receiver" in errs
+
+
+def test_every_error_reported_at_once() -> None:
+    errs = errors_of("many_errors.toml")
+    text = "\n".join(errs)
+    expected = [
+        "processors.batch.timeout: 'soon' is not a duration",
+        "processors.batch.send_batch_size: expected an integer, got 'many'",
+        "processors.bacth: unknown processor type 'bacth' (did you mean 'batch'?)",
+        "exporters.debug.verbosity: 'loud' is not one of 'basic', 'normal'",
+        "exporters.debug/unused: defined but not used in any pipeline",
+        "service.health.endpoint: 'localhost' is not host:port",
+        "service.state_dir: environment variable MLAGENT_TEST_UNSET_VAR is not set",
+        "service.pipelines.traces.processors[1]: 'nope' is not defined in [processors]",
+        "service.pipelines: connectors form a cycle: metrics -> metrics",
+        "service.pipelines.event: pipeline id must start with traces, metrics or logs",
+    ]
+    for e in expected:
+        assert e in text, f"missing {e!r} in:\n{text}"
+
+
+def test_syntax_error_names_the_line() -> None:
+    errs = errors_of("syntax.toml")
+    assert len(errs) == 1 and "TOML syntax error" in errs[0] and "line 4" in errs[0]
+
+
+def test_env_substitution_with_default_and_value() -> None:
+    text = (DATA / "good.toml").read_text().replace(
+        'verbosity = "normal"', 'verbosity = "${env:VERB:-basic}"')
+    assert load_config(text, factories(), env={}).component(
+        "exporters", "debug").config.verbosity == "basic"
+    assert load_config(text, factories(), env={"VERB": "normal"}).component(
+        "exporters", "debug").config.verbosity == "normal"
+
+
+def test_connector_signal_mismatch_is_reported() -> None:
+    text = (DATA / "good.toml").read_text().replace(
+        'receivers = ["otlp", "count"]\nexporters = ["debug/metrics"]',
+        'receivers = ["otlp"]\nexporters = ["debug/metrics"]\n\n'
+        '[service.pipelines.logs]\nreceivers = ["count"]\nexporters = ["debug/metrics"]')
+    with pytest.raises(ConfigError) as ei:
+        load_config(text, factories(), env={})
+    assert any("service.pipelines.logs.receivers[0]: 'count' does not support logs" in e
+               for e in ei.value.errors)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("250ms", 0.25), ("10s", 10), ("1m30s", 90),
+                                               ("2h", 7200), (5, 5.0), (0.5, 0.5)])
+def test_durations(text, seconds) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["", "10", "s", "10 parsecs", "-1s", True, -3])
+def test_bad_durations(bad) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_sizes_and_endpoints() -> None:
+    assert parse_bytesize("64MiB") == 64 * 2**20
+    assert parse_bytesize("1GB") == 10**9
+    assert parse_bytesize(512) == 512
+    with pytest.raises(ValueError):
+        parse_bytesize("lots")
+    assert parse_endpoint("[::1]:4317") == "[::1]:4317"
+    for bad in ("localhost", "host:99999", "http://x:1"):
+        with pytest.raises(ValueError):
+            parse_endpoint(bad)
+
+
+def test_validate_cli_exit_codes(capsys) -> None:
+    assert main(["validate", str(DATA / "good.toml")]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["validate", str(DATA / "many_errors.toml")]) == 1
+    err = capsys.readouterr().err
+    assert "exporters.debug/unused: defined but not used" in err
+    assert main(["validate", str(DATA / "missing.toml")]) == 1
+    assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_embedded_default_config_is_valid_and_matches_config_dir(capsys) -> None:
+    assert main(["validate"]) == 0
+    assert main(["print-default-config"]) == 0
+    printed = capsys.readouterr().out
+    repo_copy = Path(__file__).parent.parent / "config" / "agent.toml"
+    assert printed.endswith(repo_copy.read_text())
