@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import os
 import re
 import tomllib
@@ -242,8 +243,11 @@ def decode_dataclass(cls: Any, raw: Any, path: str, errors: list[str]) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
+        if keyword.iskeyword(name):  # `for = "5m"` fills the field `for_`
+            name += "_"
         if name not in fields:
-            errors.append(f"{_join(path, key)}: unknown key{_did_you_mean(key, fields)}")
+            known = [f.rstrip("_") if keyword.iskeyword(f.rstrip("_")) else f for f in fields]
+            errors.append(f"{_join(path, key)}: unknown key{_did_you_mean(key, known)}")
             continue
         kwargs[name] = decode(hints[name], value, _join(path, key), errors)
     try:
@@ -261,7 +265,8 @@ def decode_dataclass(cls: Any, raw: Any, path: str, errors: list[str]) -> Any:
 def to_toml_value(obj: Any) -> Any:
     """A dataclass config back to plain TOML-able values (for ``print-default-config``)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_toml_value(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {(f.name[:-1] if keyword.iskeyword(f.name[:-1]) else f.name):
+                to_toml_value(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, list | tuple):
         return [to_toml_value(v) for v in obj]
     if isinstance(obj, dict):

@@ -15,6 +15,7 @@ caller as ``PermanentError`` -- the process keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -190,13 +191,13 @@ class Graph:
                       if c.kind is Kind.CONNECTOR}
         for cid, cc in connectors.items():
             next_: dict[Signal, Consumer] = {}
-            for pid, (sig, p) in pipes.items():
+            for sig, p in pipes.values():
                 if cid in p.receivers:
                     next_[sig] = conn_out.setdefault((cid, sig), Fanout())
             inst = cc.factory.create(self._settings(cid, Kind.CONNECTOR), cc.config, next_)
             self.nodes[f"connector:{cid}"] = Node(f"connector:{cid}", cid, Kind.CONNECTOR, inst)
 
-        for key, cc in cfg.components.items():
+        for _key, cc in cfg.components.items():
             if cc.kind is Kind.EXPORTER:
                 inst = cc.factory.create(self._settings(cc.id, Kind.EXPORTER), cc.config, {})
                 self.nodes[f"exporter:{cc.id}"] = Node(f"exporter:{cc.id}", cc.id, Kind.EXPORTER, inst)
@@ -349,7 +350,6 @@ class StartError(Exception):
 
 
 async def _quiet_shutdown(node: Node) -> None:
-    try:
+    # Start-up is already failing; the start error is what the user needs to see.
+    with contextlib.suppress(Exception):
         await asyncio.wait_for(node.instance.shutdown(), 5.0)
-    except Exception:  # already failing start-up; the start error is what the user needs
-        pass

@@ -170,5 +170,17 @@ def monotonic_sum(name: str, points: Iterable[tuple[Mapping[str, Any], float]], 
     return m
 
 
-__all__ = ["Sink", "settings_for", "make_host", "span", "trace_batch", "log_record", "log_batch",
-           "metric_batch", "gauge", "monotonic_sum", "PermanentError", "RetryableError"]
+__all__ = [
+    "PermanentError",
+    "RetryableError",
+    "Sink",
+    "gauge",
+    "log_batch",
+    "log_record",
+    "make_host",
+    "metric_batch",
+    "monotonic_sum",
+    "settings_for",
+    "span",
+    "trace_batch",
+]

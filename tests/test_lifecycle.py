@@ -1,0 +1,241 @@
+"""The agent as users run it: CLI process, sd_notify, SIGTERM drain, SIGHUP reload, state dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+SPAN_JSON = {
+    "resourceSpans": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "ranker"}}]},
+        "scopeSpans": [{"spans": [{
+            "traceId": "5b8efff798038103d269b633813fc60c",
+            "spanId": "eee19b7ec3c1b174",
+            "name": "predict", "kind": 2,
+            "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": "1700000000500000000",
+        }]}],
+    }]
+}
+
+
+def config(tmp: Path, grpc: int, http: int, health: int, *, out: str = "out.jsonl",
+           batch_timeout: str = "50ms", extra: str = "") -> str:
+    return f"""
+[receivers.otlp]
+grpc.endpoint = "127.0.0.1:{grpc}"
+http.endpoint = "127.0.0.1:{http}"
+[processors.batch]
+timeout = "{batch_timeout}"
+send_batch_size = 100000
+[exporters.file]
+path = "{tmp / out}"
+[service]
+state_dir = "{tmp / 'state'}"
+shutdown_timeout = "10s"
+health.endpoint = "127.0.0.1:{health}"
+[service.pipelines.traces]
+receivers = ["otlp"]
+processors = ["batch"]
+exporters = ["file"]
+{extra}
+"""
+
+
+def post_span(http: int, span_id: str = "eee19b7ec3c1b174", timeout: float = 30) -> int:
+    body = json.loads(json.dumps(SPAN_JSON))
+    body["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["spanId"] = span_id
+    req = urllib.request.Request(f"http://127.0.0.1:{http}/v1/traces", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status
+
+
+def span_ids_in(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    ids = []
+    for line in path.read_text().splitlines():
+        for rs in json.loads(line).get("resourceSpans", []):
+            for ss in rs.get("scopeSpans", []):
+                ids.extend(s["spanId"] for s in ss.get("spans", []))
+    return ids
+
+
+def wait_for(pred, timeout: float = 15, what: str = "condition") -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class NotifySocket:
+    """A test NOTIFY_SOCKET that collects the agent's sd_notify datagrams."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                return self.messages
+
+    def wait_for(self, text: str, timeout: float = 20) -> None:
+        wait_for(lambda: any(text in m for m in self.drain()), timeout, f"sd_notify {text!r}")
+
+
+@pytest.fixture
+def ports():
+    return free_port(), free_port(), free_port()
+
+
+def test_notify_ready_status_watchdog_and_stopping(tmp_path, ports, start_agent) -> None:
+    grpc, http, health = ports
+    ns = NotifySocket(tmp_path / "notify.sock")
+    agent = start_agent(config(tmp_path, grpc, http, health),
+                        env={"NOTIFY_SOCKET": str(ns.path), "WATCHDOG_USEC": "200000"})
+    ns.wait_for("READY=1")
+    assert any(m.startswith("READY=1") and "STATUS=running 1 pipelines" in m for m in ns.drain())
+    ns.wait_for("WATCHDOG=1")
+    with urllib.request.urlopen(f"http://127.0.0.1:{health}/status", timeout=5) as r:
+        status = json.load(r)
+    assert status["ready"] is True
+    assert status["components"]["receivers.otlp"]["status"] == "ok"
+    assert status["pipelines"]["traces"]["exporters"] == ["file"]
+    listening = [r for r in agent.log_records() if r["msg"].startswith("mlagent running")]
+    assert len(listening) == 1 and f"127.0.0.1:{grpc}" in listening[0]["msg"]
+    assert agent.stop() == 0
+    ns.wait_for("STOPPING=1")
+
+
+def test_sigterm_drains_the_batch_processor(tmp_path, ports, start_agent) -> None:
+    grpc, http, health = ports
+    out = tmp_path / "out.jsonl"
+    agent = start_agent(config(tmp_path, grpc, http, health, batch_timeout="1h"))
+    agent.wait_ready(f"127.0.0.1:{health}")
+    result: dict[str, object] = {}
+
+    def send() -> None:
+        try:
+            result["status"] = post_span(http)
+        except Exception as e:  # pragma: no cover - reported below
+            result["error"] = e
+
+    t = threading.Thread(target=send)
+    t.start()
+    time.sleep(0.5)
+    assert t.is_alive(), "the batch is held (1h timeout), so the sender is not yet acknowledged"
+    assert span_ids_in(out) == []
+    agent.signal(signal.SIGTERM)
+    t.join(30)
+    assert result.get("status") == 200, result
+    assert agent.stop() == 0
+    assert span_ids_in(out) == ["eee19b7ec3c1b174"]
+
+
+def test_sighup_with_broken_config_keeps_serving(tmp_path, ports, start_agent) -> None:
+    grpc, http, health = ports
+    ns = NotifySocket(tmp_path / "notify.sock")
+    agent = start_agent(config(tmp_path, grpc, http, health), env={"NOTIFY_SOCKET": str(ns.path)})
+    ns.wait_for("READY=1")
+    agent.config_path.write_text(agent.config_path.read_text().replace("[processors.batch]",
+                                                                       "[processors.batch]\nbogus = 1"))
+    agent.signal(signal.SIGHUP)
+    ns.wait_for("RELOADING=1")
+    wait_for(lambda: any("reload refused" in r["msg"] for r in agent.log_records()),
+             what="reload refused log")
+    refused = next(r for r in agent.log_records() if "reload refused" in r["msg"])
+    assert "processors.batch.bogus: unknown key" in refused["errors"]
+    assert any("MONOTONIC_USEC=" in m for m in ns.drain() if "RELOADING=1" in m)
+    assert post_span(http) == 200
+    wait_for(lambda: span_ids_in(tmp_path / "out.jsonl") == ["eee19b7ec3c1b174"], what="span")
+    assert agent.stop() == 0
+
+
+def test_sighup_with_changed_pipeline_takes_effect(tmp_path, ports, start_agent) -> None:
+    grpc, http, health = ports
+    agent = start_agent(config(tmp_path, grpc, http, health))
+    agent.wait_ready(f"127.0.0.1:{health}")
+    assert post_span(http, "0000000000000001") == 200
+    wait_for(lambda: span_ids_in(tmp_path / "out.jsonl") == ["0000000000000001"], what="first span")
+    agent.config_path.write_text(config(tmp_path, grpc, http, health, out="new.jsonl"))
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: any(r["msg"] == "reloaded" for r in agent.log_records()), what="reloaded")
+    agent.wait_ready(f"127.0.0.1:{health}")
+    assert post_span(http, "0000000000000002") == 200
+    wait_for(lambda: span_ids_in(tmp_path / "new.jsonl") == ["0000000000000002"], what="new file")
+    assert span_ids_in(tmp_path / "out.jsonl") == ["0000000000000001"]
+    assert agent.stop() == 0
+
+
+def test_unusable_state_dir_refuses_to_start(tmp_path, ports, start_agent) -> None:
+    grpc, http, health = ports
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    text = config(tmp_path, grpc, http, health).replace(f'"{tmp_path / "state"}"',
+                                                       f'"{blocker / "state"}"')
+    agent = start_agent(text)
+    assert agent.proc.wait(30) == 1
+    assert f"state directory {blocker / 'state'} is not usable" in agent.log()
+
+
+def test_second_agent_on_same_state_dir_is_refused(tmp_path, ports, start_agent) -> None:
+    grpc, http, health = ports
+    first = start_agent(config(tmp_path, grpc, http, health), name="first")
+    first.wait_ready(f"127.0.0.1:{health}")
+    second = start_agent(config(tmp_path, free_port(), free_port(), free_port()), name="second")
+    assert second.proc.wait(30) == 1
+    assert "in use by another mlagent" in second.log()
+
+
+def test_invalid_config_exits_1_with_every_error(tmp_path, ports, start_agent) -> None:
+    agent = start_agent("[exporters.file]\npaht = 'x'\n")
+    assert agent.proc.wait(30) == 1
+    log = agent.log()
+    assert "exporters.file.paht: unknown key (did you mean 'path'?)" in log
+    assert "service.pipelines: at least one pipeline is required" in log
+
+
+def test_port_in_use_is_a_clear_startup_error(tmp_path, ports, start_agent) -> None:
+    grpc, http, health = ports
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        s.bind(("127.0.0.1", http))
+        s.listen()
+        agent = start_agent(config(tmp_path, grpc, http, health))
+        assert agent.proc.wait(30) == 1
+    assert "receivers.otlp" in agent.log() and str(http) in agent.log()
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/systemd-analyze"), reason="no systemd-analyze")
+def test_systemd_unit_verifies(tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    unit = (Path(__file__).parent.parent / "systemd" / "mlagent.service").read_text()
+    exe = shutil.which("mlagent")
+    assert exe, "mlagent console script not installed"
+    (tmp_path / "mlagent.service").write_text(unit.replace("/usr/local/bin/mlagent", exe))
+    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "mlagent.service")],
+                       capture_output=True, text=True)
+    problems = [line for line in (r.stdout + r.stderr).splitlines()
+                if "mlagent.service" in line]
+    assert r.returncode == 0 and not problems, r.stdout + r.stderr
