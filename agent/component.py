@@ -122,6 +122,9 @@ class Host:
 
     state_dir: Path
     services: dict[str, Any] = field(default_factory=dict)
+    # The agent's self-metrics registry (agent.telemetry.Telemetry), for components
+    # that report on the agent itself.
+    telemetry: Any = None
     report_status: Callable[[str, Status, str | None], None] = lambda _id, _s, _e: None
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,11 @@ class Node:
     status: Status = Status.STARTING
     last_error: str | None = None
     pipelines: set[str] = field(default_factory=set)
+
+    @property
+    def path(self) -> str:
+        """The component's config path, e.g. ``exporters.otlp``."""
+        return f"{self.kind}s.{self.id}"
 
 
 class _Guard:
@@ -165,7 +171,7 @@ class Graph:
         self.config = config
         self.telemetry = telemetry
         self.host = host
-        host.report_status = self.report_status
+        host.telemetry = telemetry
         self.nodes: dict[str, Node] = {}
         self._inflight: dict[int, float] = {}
         self._build()
@@ -174,7 +180,9 @@ class Graph:
     # ------------------------------------------------------------------ building
 
     def _settings(self, cid: str, kind: Kind) -> Settings:
-        return Settings(id=cid, kind=kind, telemetry=self.telemetry.component(cid))
+        # Self-metrics and logs name components by their config path ("exporters.otlp"),
+        # since a receiver and an exporter may share an id.
+        return Settings(id=cid, kind=kind, telemetry=self.telemetry.component(f"{kind}s.{cid}"))
 
     def _guard(self, node: Node) -> _Guard:
         return _Guard(node, self)
@@ -267,19 +275,27 @@ class Graph:
 
     # ------------------------------------------------------------------ status
 
-    def report_status(self, component_id: str, status: Status, error: str | None = None) -> None:
-        """Components call this (through ``Host.report_status``) when their health changes."""
+    def set_status(self, node: Node, status: Status, error: str | None = None) -> None:
+        """A component's health changed (components call it through ``Host.report_status``).
+
+        Processors are one node per pipeline but one component: all their nodes change.
+        """
         for n in self.nodes.values():
-            if n.id == component_id:
+            if n.id == node.id and n.kind is node.kind:
                 n.status = status
                 if error is not None:
                     n.last_error = error
-        self.telemetry.component_up.labels(component_id).set(1 if status is Status.OK else 0)
+        self.telemetry.component_up.labels(node.path).set(1 if status is Status.OK else 0)
+
+    def _host_for(self, node: Node) -> Host:
+        """The shared host, with ``report_status`` bound to this node."""
+        return dataclasses.replace(
+            self.host, report_status=lambda _id, st, err=None: self.set_status(node, st, err))
 
     def component_failed(self, node: Node, error: BaseException) -> None:
-        self.telemetry.errors.labels(node.id).inc()
-        self.telemetry.component(node.id).error("unexpected error", error=repr(error))
-        self.report_status(node.id, Status.DEGRADED, f"{type(error).__name__}: {error}")
+        self.telemetry.errors.labels(node.path).inc()
+        self.telemetry.component(node.path).error("unexpected error", error=repr(error))
+        self.set_status(node, Status.DEGRADED, f"{type(error).__name__}: {error}")
 
     def oldest_inflight_age(self) -> float:
         """Seconds the oldest request still inside the pipelines has been there (0 if none)."""
@@ -295,11 +311,11 @@ class Graph:
         """The JSON of ``/status``: pipelines, components with status, errors and counters."""
         comps: dict[str, Any] = {}
         for n in self._order:
-            c = comps.setdefault(f"{n.kind}s.{n.id}", {"kind": str(n.kind), "status": str(n.status),
+            c = comps.setdefault(n.path, {"kind": str(n.kind), "status": str(n.status),
                                                       "last_error": n.last_error,
                                                       "pipelines": sorted(n.pipelines)})
             c["pipelines"] = sorted(set(c["pipelines"]) | n.pipelines)
-            c["counters"] = self.telemetry.snapshot(n.id)
+            c["counters"] = self.telemetry.snapshot(n.path)
         pipes = {pid: {"signal": str(sig), "receivers": p.receivers, "processors": p.processors,
                        "exporters": p.exporters}
                  for pid, (sig, p) in self.config.pipelines.items()}
@@ -312,7 +328,7 @@ class Graph:
         started: list[Node] = []
         for node in reversed(self._order):
             try:
-                await node.instance.start(self.host)
+                await node.instance.start(self._host_for(node))
             except Exception as e:
                 node.status = Status.FAILED
                 node.last_error = str(e)
@@ -320,7 +336,8 @@ class Graph:
                     await _quiet_shutdown(s)
                 raise StartError(f"{node.kind}s.{node.id}: failed to start: {e}") from e
             started.append(node)
-            self.report_status(node.id, Status.OK)
+            if node.status is Status.STARTING:
+                self.set_status(node, Status.OK)
 
     async def shutdown(self, deadline: float) -> list[str]:
         """Stop producers before consumers within ``deadline`` seconds in all.
@@ -338,7 +355,7 @@ class Graph:
             except Exception as e:
                 self.component_failed(node, e)
             node.status = Status.STOPPED
-            self.telemetry.component_up.labels(node.id).set(0)
+            self.telemetry.component_up.labels(node.path).set(0)
         return cancelled
 
     def instances(self, kind: Kind | None = None) -> Mapping[str, Any]:

@@ -10,6 +10,7 @@ from agent.component import Factory, Kind
 # "module:attribute" of each factory instance, one line per component.
 FACTORIES: list[str] = [
     # receivers
+    "agent.receivers.internal:factory",
     # processors
     "agent.processors.batch:factory",
     # exporters
