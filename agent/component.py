@@ -19,6 +19,7 @@ accepted (it is dropped and counted by whoever raised it).
 
 from __future__ import annotations
 
+import builtins
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -159,7 +160,7 @@ class Factory(Protocol):
 
     type: ClassVar[str]
     kind: ClassVar[Kind]
-    config_class: ClassVar[type]
+    config_class: ClassVar[builtins.type]
     # Signals accepted (exporters, processors, connectors) and emitted (receivers,
     # processors, connectors). For a connector, ``signals`` are its inputs and
     # ``output_signals`` what it emits.

@@ -1,0 +1,87 @@
+"""Configuration of the ``elasticsearch`` exporter."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from agent.config import ByteSize, Duration
+from agent.queue import QueueConfig, RetryConfig
+
+# What Elasticsearch allows in the dataset and namespace parts of a data stream name
+# (``<type>-<dataset>-<namespace>``): lowercase, no ``-`` (it separates the parts),
+# none of ``\/*?"<>| ,#:``, at most 100 bytes.
+DATA_STREAM_PART_RE = re.compile(r'^[^A-Z\-\\/*?"<>| ,#:]{1,100}$')
+
+
+@dataclass
+class TLSConfig:
+    """``tls``: ``ca_file`` is a PEM bundle that replaces the system roots."""
+
+    ca_file: Path | None = None
+    insecure_skip_verify: bool = False
+
+
+@dataclass
+class ElasticsearchConfig:
+    """``[exporters.elasticsearch]``.
+
+    Logs go to the data stream ``logs-<dataset>-<namespace>``, spans to
+    ``traces-<dataset>-<namespace>``. With ``dynamic_routing`` a record's (or its
+    scope's or resource's) ``data_stream.dataset`` / ``data_stream.namespace``
+    attribute overrides the configured part for that document.
+    """
+
+    endpoint: str = "http://localhost:9200"
+    dataset: str = "mlagent"
+    namespace: str = "default"
+    dynamic_routing: bool = True
+    # Authentication: an API key (the base64 "id:key" Elasticsearch returns), or
+    # user and password for basic auth. Use ${env:...} to keep secrets out of the file.
+    api_key: str = ""
+    user: str = ""
+    password: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    compression: Literal["gzip", "none"] = "gzip"
+    timeout: Duration = 30.0
+    # A batch is sent as several bulk requests of at most this many (uncompressed) bytes.
+    bulk_max_bytes: ByteSize = 5 * 2**20
+    create_index_templates: bool = False
+    # Documents Elasticsearch refuses for good (mapping errors and the like) are
+    # appended here as JSON lines, until the file reaches dead_letter_max_size.
+    dead_letter_file: Path | None = None
+    dead_letter_max_size: ByteSize = 100 * 2**20
+    # Persistent: what was acknowledged survives a restart during a backend outage.
+    # One attempt may take several bulk requests (bulk_max_bytes, 413 splits), hence
+    # a per-attempt limit well above the per-request ``timeout``.
+    sending_queue: QueueConfig = field(
+        default_factory=lambda: QueueConfig(persistent=True, timeout=120.0))
+    retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
+
+    def validate(self) -> list[str]:
+        errs = []
+        url = urlsplit(self.endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            errs.append(f"endpoint: {self.endpoint!r} is not an http(s) URL "
+                        "(e.g. \"http://localhost:9200\")")
+        for key in ("dataset", "namespace"):
+            value = getattr(self, key)
+            if not DATA_STREAM_PART_RE.match(value):
+                errs.append(f"{key}: {value!r} is not a valid data stream part (lowercase, "
+                            "no '-' and none of \\/*?\"<>| ,#:, at most 100 characters)")
+        if self.api_key and (self.user or self.password):
+            errs.append("api_key: set either api_key or user/password, not both")
+        if self.password and not self.user:
+            errs.append("password: set user as well")
+        if self.timeout <= 0:
+            errs.append("timeout: must be positive")
+        elif self.timeout > self.sending_queue.timeout:
+            errs.append("timeout: must not exceed sending_queue.timeout (the limit of one "
+                        "whole attempt)")
+        if self.bulk_max_bytes < 1024:
+            errs.append("bulk_max_bytes: must be at least 1KiB")
+        return errs
