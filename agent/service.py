@@ -167,18 +167,20 @@ class Agent:
 
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit status."""
-        try:
-            self._lock = prepare_state_dir(self.state_dir)
-            await self._start_graph(self.config)
-            await self._start_health()
-        except (StateDirError, StartError, OSError) as e:
-            log(logging.ERROR, f"cannot start: {e}")
-            await self._stop_all()
-            return 1
+        # Handlers first: a SIGTERM during start-up still stops cleanly, and a SIGHUP
+        # then is served once the graph runs.
         loop = asyncio.get_running_loop()
         for sig, handler in ((signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set),
                              (signal.SIGHUP, self._reload_requested.set)):
             loop.add_signal_handler(sig, handler)
+        try:
+            self._lock = prepare_state_dir(self.state_dir)
+            await self._start_graph(self.config)
+            await self._start_health()
+        except (StateDirError, StartError, ConfigError, OSError) as e:
+            log(logging.ERROR, f"cannot start: {e}")
+            await self._stop_all()
+            return 1
         self._announce()
         self.notifier.send("READY=1", f"STATUS={self._status_line()}")
         self._tasks = [asyncio.create_task(self._reload_loop(), name="reload")]
@@ -189,8 +191,10 @@ class Agent:
         self.notifier.send("STOPPING=1", "STATUS=draining")
         log(logging.INFO, "stopping: draining pipelines",
             deadline_s=self.config.service.shutdown_timeout)
+        # A second SIGTERM (systemd's stop after a timeout, an impatient script) must not
+        # kill the drain halfway; SIGKILL remains the way to stop without draining.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+            loop.add_signal_handler(sig, lambda: log(logging.INFO, "already stopping"))
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

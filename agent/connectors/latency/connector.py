@@ -1,0 +1,536 @@
+"""The ``latency`` connector: where each request's time goes, per service and stage.
+
+Consumes traces, emits metrics (see README.md for every metric, unit and attribute).
+Two paths, following DESIGN.md §2:
+
+- **per batch** (``consume``): RED metrics — calls, errors and a duration histogram
+  per (service, span name, span kind, status) — from the batch's columns with a
+  handful of vectorised numpy calls; then each span's few fields are copied into the
+  trace buffer.
+- **per assembled trace** (``tick``, from the connector's own timer task): self time,
+  critical path, stage time and service-graph edges (``analysis.analyze``), added to
+  their series in one vectorised update per tick.
+
+Cumulative counters and histograms keep counting for the life of the connector;
+every ``window`` (tumbling) the connector emits all of them plus the window's
+gauges — p50/p95/p99 per (service, operation, kind) and per stage, interpolated within the
+window's histogram bucket, and the critical-path and stage shares — to the next
+metrics consumer. Time for windows and trace decisions comes from an injectable
+monotonic clock, so tests drive it without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import numpy as np
+from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from agent.component import (
+    Capabilities,
+    Consumer,
+    Host,
+    PermanentError,
+    PipelineError,
+    Settings,
+    Signal,
+)
+from agent.connectors.latency.analysis import Analysis, analyze
+from agent.connectors.latency.assembly import TraceBuffer
+from agent.connectors.latency.config import LatencyConfig
+from agent.connectors.latency.emit import (
+    gauge_metric,
+    histogram_metric,
+    series_points,
+    sum_metric,
+)
+from agent.connectors.latency.normalize import Names
+from agent.connectors.latency.series import OVERFLOW_ATTRIBUTES, Histograms, Series, Sums
+from agent.connectors.latency.spans import INVALID_PARENT, MIX, Spans, id_words
+from agent.pdata import MetricBatch, TraceBatch, python_to_anyvalue
+
+KIND_NAMES = [Span.SpanKind.Name(k) for k in range(6)]  # SPAN_KIND_UNSPECIFIED .. CONSUMER
+STATUS_NAMES = ["STATUS_CODE_UNSET", "STATUS_CODE_OK", "STATUS_CODE_ERROR"]
+STATUS_ERROR = 2
+NS = 1e-9
+SCOPE = "mlagent.connectors.latency"
+# connection_type of a service-graph edge, as Tempo and the collector's servicegraph
+# connector name them.
+CONNECTION_DIRECT = ""
+CONNECTION_MESSAGING = "messaging_system"
+
+SPAN_ATTRS = ("service.name", "span.name")
+RED_ATTRS = ("service.name", "span.name", "span.kind", "status.code")
+
+
+class _Window:
+    """The state of one tumbling window; a fresh one replaces it at each boundary."""
+
+    def __init__(self, bounds: list[float], max_series: int, start: float, start_ns: int) -> None:
+        self.start = start
+        self.start_ns = start_ns
+        self.ops = Series(RED_ATTRS[:3], max_series)  # kind kept: SERVER spans = requests
+        self.ops_duration = Histograms(bounds, exemplars=False)
+        self.stages = Series(("service.name", "stage"), max_series)
+        self.stage_duration = Histograms(bounds, exemplars=False)
+        # Shares are ratios of sums: time in the stage (on the critical path) over the
+        # end-to-end duration of the window's traces that the service took part in.
+        self.stage_time = Sums()
+        self.stage_total = Sums()
+        self.services = Series(("service.name",), max_series)
+        self.critical_time = Sums()
+        self.critical_total = Sums()
+
+    def tables(self) -> dict[str, Series]:
+        """The window's series tables by the metric they feed (for overflow counting)."""
+        return {"mlagent.latency.quantile": self.ops, "mlagent.latency.stage.quantile": self.stages,
+                "mlagent.latency.critical_path.share": self.services}
+
+
+class LatencyConnector:
+    """Traces in, latency-breakdown metrics out. See the module docstring."""
+
+    capabilities = Capabilities(mutates_data=False)
+
+    def __init__(self, settings: Settings, config: LatencyConfig, next_consumer: Consumer, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self._id = settings.id
+        self._tel = settings.telemetry
+        self._cfg = config
+        self._next = next_consumer
+        self._clock = clock
+        self._wall_ns = wall_clock_ns
+        self._names = Names(config.stages, normalize=config.normalize_names)
+        self._buffer = TraceBuffer(max_traces=config.max_traces, max_spans=config.max_spans,
+                                   decision_wait=config.decision_wait,
+                                   root_timeout=config.root_timeout)
+        b, ms = list(config.buckets), config.max_series
+        self._bounds = b
+        # Cumulative state, per metric: a series table and its numpy values.
+        self._red = Series(RED_ATTRS, ms)
+        self._calls, self._errors, self._duration = Sums(), Sums(), Histograms(b)
+        self._self = Series(SPAN_ATTRS, ms)
+        self._self_time = Sums()
+        self._critical = Series(("service.name",), ms)
+        self._critical_time = Sums()
+        self._roots = Series(SPAN_ATTRS, ms)
+        self._trace_duration = Histograms(b)
+        self._stages = Series(("service.name", "stage"), ms)
+        self._stage_duration = Histograms(b)
+        self._edges = Series(("client", "server", "connection_type"), ms)
+        self._requests, self._failures = Sums(), Sums()
+        self._client_duration, self._server_duration = Histograms(b), Histograms(b)
+        self._window = _Window(b, ms, clock(), wall_clock_ns())
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._anomalies = self._tel.counter(
+            "mlagent_agent_latency_span_anomalies",
+            "Spans of analysed traces that needed repair: orphan (parent missing), "
+            "clock_skew (child outside its parent, clipped), duplicate (span id repeated).",
+            ("anomaly",))
+        self._traces = self._tel.counter(
+            "mlagent_agent_latency_traces",
+            "Traces analysed: complete (root arrived) or rootless (analysed at root_timeout).",
+            ("outcome",))
+        self._overflow = self._tel.counter(
+            "mlagent_agent_latency_series_overflow",
+            "Measurements aggregated into a metric's overflow series (max_series reached).",
+            ("metric",))
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self, host: Host) -> None:
+        """Start the timer task that analyses due traces and closes windows."""
+        if self._task is None and not self._stopped:
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name=f"{self._id} timer")
+
+    async def shutdown(self) -> None:
+        """Stop the timer, analyse every buffered trace and emit the final window.
+
+        Idempotent and safe without ``start``.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._analyse(self._buffer.drain())
+        await self._close_window(self._clock())
+
+    def _tick_interval(self) -> float:
+        # Fine enough to honour decision_wait and the window boundary within a tenth
+        # of the window, never busier than 100 Hz or lazier than 1 Hz.
+        c = self._cfg
+        return max(0.01, min(1.0, c.window / 10, c.decision_wait / 2 or 1.0))
+
+    async def _run(self) -> None:
+        interval = self._tick_interval()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.tick()
+            except Exception as e:  # a bug must not stop the timer for good
+                self._tel.error("tick failed", error=repr(e))
+
+    async def tick(self) -> None:
+        """One timer step: analyse the traces that are due, close the window if it ended.
+
+        The timer task calls this; tests call it directly after moving the clock.
+        """
+        now = self._clock()
+        self._analyse(self._buffer.due(now))
+        if now - self._window.start >= self._cfg.window:
+            await self._close_window(now)
+
+    # ----------------------------------------------------------------- per batch
+
+    async def consume(self, batch: TraceBatch) -> None:  # type: ignore[override]
+        """Count the batch's spans into the RED metrics and buffer them for assembly.
+
+        Reads the batch's shared columns only; keeps copies of the few fields trace
+        analysis needs, never the batch.
+        """
+        if batch.signal is not Signal.TRACES:
+            raise PermanentError(f"latency connector consumes traces, not {batch.signal}")
+        n = batch.item_count
+        if n == 0:
+            return
+        if self._stopped:
+            self._tel.refused(Signal.TRACES, n, "stopped")
+            raise PermanentError("latency connector is shut down")
+        self._tel.accepted(Signal.TRACES, n)
+        try:
+            cols = batch.columns
+        except (ValueError, OverflowError) as e:  # e.g. a time beyond int64 nanoseconds
+            self._tel.dropped(Signal.TRACES, n, "invalid_batch", error=repr(e))
+            return
+        try:
+            self._consume_columns(cols)
+        except Exception as e:  # a bug must cost this batch only, never the pipeline
+            self._tel.dropped(Signal.TRACES, n, "internal_error", error=repr(e))
+        self._count_overflow()
+
+    def _consume_columns(self, cols: Any) -> None:
+        now_ns = self._wall_ns()
+        names = cols.name
+        # Distinct raw names of this batch -> local ids; normalise each once.
+        local = {x: i for i, x in enumerate(dict.fromkeys(names))}
+        name_id = np.fromiter(map(local.__getitem__, names), dtype=np.int64, count=cols.n)
+        looked = [self._names.lookup(x) for x in local]
+        kind = cols.kind.astype(np.int64)
+        kind[(kind < 0) | (kind > 5)] = 0
+        status = cols.status_code.astype(np.int64)
+        status[(status < 0) | (status > 2)] = 0
+        res = cols.resource_index.astype(np.int64)
+        services = cols.services
+
+        # Group spans by (resource, name, kind, status) with one sort; resolve each
+        # distinct group to its series row in Python (tens per batch, not per span).
+        code = ((res * len(local) + name_id) * 8 + kind) * 4 + status
+        uniq, inverse = np.unique(code, return_inverse=True)
+        weights = np.bincount(inverse).tolist()
+        nu = len(uniq)
+        red_u = np.empty(nu, dtype=np.int64)
+        win_u = np.empty(nu, dtype=np.int64)
+        op_u = np.empty(nu, dtype=np.int32)
+        svc_u = np.empty(nu, dtype=np.int32)
+        stage_u = np.empty(nu, dtype=np.int32)
+        red, win, nl = self._red, self._window.ops, len(local)
+        for j, c in enumerate(uniq.tolist()):
+            c, st = divmod(c, 4)
+            c, k = divmod(c, 8)
+            r, ni = divmod(c, nl)
+            svc, (name, matches) = services[r], looked[ni]
+            weight = weights[j]
+            red_u[j] = red.row((svc, name, KIND_NAMES[k], STATUS_NAMES[st]), now_ns, weight)
+            win_u[j] = win.row((svc, name, KIND_NAMES[k]), now_ns, weight)
+            op_u[j] = self._self.row((svc, name), now_ns, weight)
+            svc_u[j] = self._critical.row(svc, now_ns, weight)
+            stage_name = self._names.stage(matches, k) if matches else None
+            stage_u[j] = self._stages.row((svc, stage_name), now_ns, weight) if stage_name else -1
+        rows = red_u[inverse]
+        start, end = cols.start, cols.end
+        dur = np.maximum(end - start, 0) * NS
+        nr = len(red)
+        self._calls.add(rows, 1.0, nr)
+        self._errors.add(rows, (status == STATUS_ERROR).astype(np.float64), nr)
+        self._duration.add(rows, dur, nr, trace_ids=cols.trace_id, span_ids=cols.span_id,
+                           times=end)
+        self._window.ops_duration.add(win_u[inverse], dur, len(win))
+
+        # Copy out, as columns, what trace analysis needs.
+        stage = stage_u[inverse]
+        if self._names.has_attribute_rules:
+            stage = self._attribute_stages(cols, kind, stage, now_ns)
+        tw, tlen = id_words(cols.trace_id, 16)
+        key = (tw[:, 0] ^ (tw[:, 1] * MIX)).view(np.int64)
+        key[tlen != 16] = 0
+        sw, _ = id_words(cols.span_id, 8)
+        pw, plen = id_words(cols.parent_span_id, 8)
+        pid = pw[:, 0]
+        pid[(plen != 0) & (plen != 8)] = INVALID_PARENT
+        spans = Spans(key=key, trace_id=tw, sid=sw[:, 0], pid=pid, op=op_u[inverse],
+                      svc=svc_u[inverse], stage=stage, kind=kind.astype(np.int8),
+                      status=status.astype(np.int8), start=start, end=end)
+        result = self._buffer.add(spans, self._clock())
+        for reason, count in result.dropped.items():
+            self._tel.dropped(Signal.TRACES, count, reason)
+
+    def _attribute_stages(self, cols: Any, kind: np.ndarray, by_name: np.ndarray,
+                          now_ns: int) -> np.ndarray:
+        """Stage rows per span when some stage is matched by attributes (slow path:
+        every span's attributes are read)."""
+        stage_names = [None if r < 0 else self._stages.keys[r][1]  # type: ignore[index]
+                       for r in by_name.tolist()]
+        services = cols.service
+        out = np.empty(cols.n, dtype=np.int32)
+        for i, (k, st) in enumerate(zip(kind.tolist(), stage_names, strict=True)):
+            st = self._names.stage_of_attributes(cols.attributes(i), k, st)
+            out[i] = self._stages.row((services[i], st), now_ns) if st else -1
+        return out
+
+    # ----------------------------------------------------------------- per trace
+
+    def _analyse(self, due: tuple[Spans, int]) -> None:
+        """Analyse the spans of the traces just taken from the buffer (all at once)."""
+        spans, n_traces = due
+        if n_traces:
+            analysis = analyze(spans)
+            if analysis is not None:
+                self._record(analysis)
+            self._count_overflow()
+
+    def _record(self, a: Analysis) -> None:
+        """Add one analysis to the cumulative series and the window, one update each."""
+        now_ns = self._wall_ns()
+        w = self._window
+        trace_ids = _id_bytes(a.trace_id, 16)
+        root_ids = _id_bytes(a.trace_root_sid, 8)
+        secs = a.trace_ns * NS
+
+        rows = _remap(a.trace_op, lambda op: self._roots.row(self._self.keys[op], now_ns))
+        self._trace_duration.add(rows, secs, len(self._roots), trace_ids=trace_ids,
+                                 span_ids=root_ids, times=a.trace_end)
+        self._self_time.add(a.self_op, a.self_ns * NS, len(self._self))
+
+        path_s = a.path_ns * NS
+        self._critical_time.add(a.path_svc, path_s, len(self._critical))
+
+        def window_service(svc: int) -> int:
+            return w.services.row(self._critical.keys[svc], now_ns)
+
+        w.critical_time.add(_remap(a.path_svc, window_service), path_s, len(w.services))
+        w.critical_total.add(_remap(a.member_svc, window_service), a.member_ns * NS,
+                             len(w.services))
+
+        stage_s = a.stage_ns * NS
+        st_traces = a.stage_trace.tolist()
+        self._stage_duration.add(a.stage_row, stage_s, len(self._stages),
+                                 trace_ids=[trace_ids[t] for t in st_traces],
+                                 span_ids=[root_ids[t] for t in st_traces],
+                                 times=a.trace_end[a.stage_trace])
+        w_rows = _remap(a.stage_row, lambda r: w.stages.row(self._stages.keys[r], now_ns))
+        w.stage_duration.add(w_rows, stage_s, len(w.stages))
+        w.stage_time.add(w_rows, stage_s, len(w.stages))
+        w.stage_total.add(w_rows, secs[a.stage_trace], len(w.stages))
+
+        if len(a.edge_client):
+            svc_keys = self._critical.keys
+            code = (a.edge_client.astype(np.int64) * len(svc_keys) + a.edge_server) * 2 \
+                + a.edge_messaging
+
+            def edge_row(code: int) -> int:
+                pair, messaging = divmod(code, 2)
+                client, server = svc_keys[pair // len(svc_keys)], svc_keys[pair % len(svc_keys)]
+                key = None if client is None or server is None else (
+                    client, server, CONNECTION_MESSAGING if messaging else CONNECTION_DIRECT)
+                return self._edges.row(key, now_ns)
+
+            rows = _remap(code, edge_row)
+            n = len(self._edges)
+            edge_traces = _id_bytes(a.edge_trace_id, 16)
+            client_spans = _id_bytes(a.edge_client_sid, 8)
+            self._requests.add(rows, 1.0, n)
+            self._failures.add(rows, a.edge_failed.astype(np.float64), n)
+            for hist, ns in ((self._client_duration, a.edge_client_ns),
+                             (self._server_duration, a.edge_server_ns)):
+                hist.add(rows, ns * NS, n, trace_ids=edge_traces, span_ids=client_spans,
+                         times=a.edge_end)
+
+        for anomaly, count in (("orphan", a.orphans), ("clock_skew", a.clock_skew),
+                               ("duplicate", a.duplicates)):
+            if count:
+                self._anomalies.labels(anomaly).inc(count)
+        if a.rootless:
+            self._traces.labels("rootless").inc(a.rootless)
+        if a.traces > a.rootless:
+            self._traces.labels("complete").inc(a.traces - a.rootless)
+
+    def _count_overflow(self) -> None:
+        tables = {"mlagent.latency.calls": self._red, "mlagent.latency.self_time": self._self,
+                  "mlagent.latency.critical_path.time": self._critical,
+                  "mlagent.latency.trace.duration": self._roots,
+                  "mlagent.latency.stage.duration": self._stages,
+                  "mlagent.service_graph.requests": self._edges, **self._window.tables()}
+        for metric, series in tables.items():
+            if series.overflowed:
+                self._overflow.labels(metric).inc(series.overflowed)
+                self._tel.warn("series overflow", metric, measurements=series.overflowed,
+                               max_series=series.max_series)
+                series.overflowed = 0
+
+    # ----------------------------------------------------------------- windows
+
+    async def _close_window(self, now: float) -> None:
+        """Emit every metric (cumulative, plus this window's gauges), start a new window."""
+        w = self._window
+        now_ns = self._wall_ns()
+        # Tumbling windows stay aligned to the first one's start, however late the tick.
+        elapsed = max(1, int((now - w.start) // self._cfg.window))
+        self._window = _Window(self._bounds, self._cfg.max_series,
+                               w.start + elapsed * self._cfg.window, now_ns)
+        metrics = [m for m in self._cumulative_metrics(now_ns) + self._window_metrics(w, now_ns)
+                   if m is not None]
+        if metrics:
+            await self._send(metrics)
+
+    def _cumulative_metrics(self, now_ns: int) -> list[Metric | None]:
+        red = self._red
+        return [
+            sum_metric("mlagent.latency.calls", "{call}",
+                       "Spans ended, per service, operation, span kind and status.",
+                       series_points(red, self._calls.values), now_ns),
+            sum_metric("mlagent.latency.errors", "{call}",
+                       "Spans ended with status ERROR, per service, operation and span kind.",
+                       self._error_points(), now_ns),
+            histogram_metric("mlagent.latency.duration", "s",
+                             "Span duration, per service, operation, span kind and status.",
+                             red, self._duration, now_ns),
+            sum_metric("mlagent.latency.self_time", "s",
+                       "Exclusive time of spans (duration minus the union of their children), "
+                       "per service and operation.",
+                       series_points(self._self, self._self_time.values), now_ns),
+            sum_metric("mlagent.latency.critical_path.time", "s",
+                       "Time each service spent on the critical path of the traces it was in.",
+                       series_points(self._critical, self._critical_time.values), now_ns),
+            histogram_metric("mlagent.latency.trace.duration", "s",
+                             "End-to-end trace duration, per root service and operation.",
+                             self._roots, self._trace_duration, now_ns),
+            histogram_metric("mlagent.latency.stage.duration", "s",
+                             "Time per trace spent in a stage, per service and stage.",
+                             self._stages, self._stage_duration, now_ns),
+            sum_metric("mlagent.service_graph.requests", "{request}",
+                       "Requests between services (client span -> server span).",
+                       series_points(self._edges, self._requests.values), now_ns),
+            sum_metric("mlagent.service_graph.failures", "{request}",
+                       "Requests between services where either side ended with status ERROR.",
+                       series_points(self._edges, self._failures.values), now_ns),
+            histogram_metric("mlagent.service_graph.client.duration", "s",
+                             "Request duration seen by the client span.",
+                             self._edges, self._client_duration, now_ns),
+            histogram_metric("mlagent.service_graph.server.duration", "s",
+                             "Request duration seen by the server span.",
+                             self._edges, self._server_duration, now_ns),
+        ]
+
+    def _error_points(self) -> list[tuple[dict[str, Any], int, float]]:
+        """Error counts per (service, operation, kind): the status dimension folded away."""
+        red = self._red
+        errors = self._errors.values.tolist()
+        groups: dict[Any, list[Any]] = {}
+        for row, key in enumerate(red.keys):
+            group = None if key is None else cast(tuple, key)[:3]
+            e = errors[row] if row < len(errors) else 0.0
+            g = groups.get(group)
+            if g is None:
+                groups[group] = [red.start_ns[row], e]
+            else:
+                g[0] = min(g[0], red.start_ns[row])
+                g[1] += e
+        return [(dict(OVERFLOW_ATTRIBUTES) if group is None
+                 else dict(zip(RED_ATTRS[:3], group, strict=True)), start, e)
+                for group, (start, e) in groups.items()]
+
+    def _window_metrics(self, w: _Window, now_ns: int) -> list[Metric | None]:
+        qs = self._cfg.quantiles
+        labels = [_quantile_label(q) for q in qs]
+
+        def quantile_points(series: Series, hist: Histograms) -> list[tuple[dict, float]]:
+            est = hist.quantiles(qs)[: len(series)].tolist()
+            return [({**series.attributes(row), "quantile": label}, est[row][j])
+                    for row in range(len(est)) for j, label in enumerate(labels)]
+
+        def share_points(series: Series, part: Sums, total: Sums) -> list[tuple[dict, float]]:
+            p, t = part.values.tolist(), total.values.tolist()
+            return [(series.attributes(row), (p[row] if row < len(p) else 0.0) / t[row])
+                    for row in range(len(series)) if row < len(t) and t[row] > 0]
+
+        return [
+            gauge_metric("mlagent.latency.quantile", "s",
+                         "Span duration quantile over the last window, per service, "
+                         "operation and span kind (interpolated within the histogram bucket).",
+                         quantile_points(w.ops, w.ops_duration), w.start_ns, now_ns),
+            gauge_metric("mlagent.latency.stage.quantile", "s",
+                         "Per-trace stage time quantile over the last window.",
+                         quantile_points(w.stages, w.stage_duration), w.start_ns, now_ns),
+            gauge_metric("mlagent.latency.critical_path.share", "1",
+                         "Share of end-to-end duration a service spent on the critical path, "
+                         "over the last window's traces that it took part in.",
+                         share_points(w.services, w.critical_time, w.critical_total),
+                         w.start_ns, now_ns),
+            gauge_metric("mlagent.latency.stage.share", "1",
+                         "Share of end-to-end duration spent in a stage, over the last "
+                         "window's traces that contain the stage.",
+                         share_points(w.stages, w.stage_time, w.stage_total), w.start_ns,
+                         now_ns),
+        ]
+
+    async def _send(self, metrics: list[Metric]) -> None:
+        """Hand the metrics downstream; a failure is counted, never raised.
+
+        Counters and histograms are cumulative, so the next window re-sends their
+        state; what a failed send loses for good is that window's gauges.
+        """
+        batch = MetricBatch()
+        rm = batch.request.resource_metrics.add()
+        python_to_anyvalue("mlagent", rm.resource.attributes.add(key="service.name").value)
+        sm = rm.scope_metrics.add()
+        sm.scope.name = SCOPE
+        sm.metrics.extend(metrics)
+        n = batch.item_count
+        try:
+            await self._next.consume(batch)
+        except PipelineError as e:
+            self._tel.dropped(Signal.METRICS, n, "downstream_refused", error=e)
+        except Exception as e:  # a downstream bug must not take the connector with it
+            self._tel.dropped(Signal.METRICS, n, "downstream_error", error=repr(e))
+        else:
+            self._tel.sent(Signal.METRICS, n)
+
+
+def _remap(values: np.ndarray, row_of: Callable[[int], int]) -> np.ndarray:
+    """``row_of`` applied to each distinct value once, broadcast back to ``values``."""
+    uniq, inverse = np.unique(values, return_inverse=True)
+    return np.asarray([row_of(v) for v in uniq.tolist()], dtype=np.int64)[inverse]
+
+
+def _id_bytes(words: np.ndarray, width: int) -> list[bytes]:
+    """Ids held as uint64 words back to their bytes (for exemplars)."""
+    buf = np.ascontiguousarray(words).tobytes()
+    return [buf[i:i + width] for i in range(0, len(buf), width)]
+
+
+def _quantile_label(q: float) -> str:
+    """``0.99`` -> ``"0.99"``, ``0.5`` -> ``"0.5"`` (as Prometheus summaries write them)."""
+    return repr(float(q))
+

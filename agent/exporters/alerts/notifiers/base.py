@@ -1,0 +1,267 @@
+"""What every notifier shares: the clock, the bounded per-destination channel, HTTP status rules.
+
+A notifier turns an evaluation's ``Update`` into payloads (``notify``, synchronous,
+never blocks) and offers them to its channels. A ``Channel`` is one destination URL
+with its own bounded queue and its own task that sends with retries, so a slow or
+failing destination never holds up the evaluation, the pipeline, or any other
+notifier. Every outcome is counted: ``mlagent_agent_alert_notifications{notifier,
+outcome}`` and the component's ``sent`` / ``send_failed`` / ``dropped`` events
+(signal label ``alerts``, items = alerts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import aiohttp
+
+from agent.component import PermanentError, RetryableError, Status
+from agent.exporters.alerts.config import NotifierConfig
+from agent.exporters.alerts.evaluator import Update
+from agent.telemetry import ComponentTelemetry
+
+SIGNAL = "alerts"  # the telemetry signal label of notification items
+
+
+class Clock(Protocol):
+    """Time as the exporter sees it; tests inject a fake one to run in seconds."""
+
+    def time(self) -> float:
+        """Unix seconds: alert timestamps and rule timing."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds for rate limits and retry deadlines."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait between retries and for rate limits."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@dataclass
+class NotifyContext:
+    """What the exporter lends its notifiers. ``session`` exists between start and shutdown."""
+
+    component_id: str
+    telemetry: ComponentTelemetry
+    clock: Clock
+    eval_interval: float
+    external_url: str = ""
+    session: aiohttp.ClientSession | None = None
+    # Host.report_status bound to this component (set at start).
+    report: Callable[[Status, str | None], None] = lambda _status, _error: None
+    outcomes: Any = field(init=False)
+    _failing: dict[str, str] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.outcomes = self.telemetry.counter(
+            "mlagent_agent_alert_notifications",
+            "Alert notifications by notifier and outcome (sent, failed attempt, dropped).",
+            ("notifier", "outcome"))
+
+    def count(self, notifier: str, outcome: str, n: int = 1) -> None:
+        self.outcomes.labels(notifier, outcome).inc(n)
+
+    def failing(self, notifier: str, problem: str | None) -> None:
+        """Record that ``notifier`` lost alerts (``problem``) or delivers again (None);
+        the component reports itself degraded while any notifier is failing."""
+        was = dict(self._failing)
+        if problem is None:
+            self._failing.pop(notifier, None)
+        else:
+            self._failing[notifier] = problem
+        if self._failing != was:
+            self.report(Status.DEGRADED if self._failing else Status.OK,
+                        "; ".join(f"{k}: {v}" for k, v in sorted(self._failing.items())) or None)
+
+
+def rfc3339(t: float) -> str:
+    """Unix seconds as an RFC 3339 UTC timestamp with milliseconds."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+async def post_json(ctx: NotifyContext, url: str, payload: Any, timeout: float,
+                    headers: dict[str, str] | None = None) -> None:
+    """POST ``payload`` as JSON; 2xx returns, 429 and 5xx raise ``RetryableError``
+    (with the peer's ``Retry-After``), every other status raises ``PermanentError``."""
+    if ctx.session is None:
+        raise RetryableError("notifier is not started")
+    async with ctx.session.post(url, json=payload, headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        body = await resp.text(errors="replace")
+        if 200 <= resp.status < 300:
+            return
+        detail = f"HTTP {resp.status} from {url}: {body[:300]}"
+        if resp.status == 429 or resp.status >= 500:
+            raise RetryableError(detail, retry_after=parse_retry_after(
+                resp.headers.get("Retry-After"), ctx.clock.time()))
+        raise PermanentError(detail)
+
+
+class Channel:
+    """One destination: a bounded queue and one task that sends from it, with retries.
+
+    ``send(payload)`` raises ``RetryableError`` (retried with backoff, honouring
+    ``retry_after``) or ``PermanentError`` (dropped, counted, logged). Connection
+    errors and timeouts are retryable. ``min_interval`` spaces attempts (rate limits).
+    """
+
+    def __init__(self, ctx: NotifyContext, notifier_id: str, cfg: NotifierConfig,
+                 send: Callable[[Any], Awaitable[None]], *, min_interval: float = 0.0) -> None:
+        self.ctx = ctx
+        self.nid = notifier_id
+        self.cfg = cfg
+        self._send = send
+        self.min_interval = min_interval
+        self._q: asyncio.Queue[tuple[Any, int]] = asyncio.Queue(maxsize=cfg.queue_size)
+        self._task: asyncio.Task[None] | None = None
+        self._next_slot = -float("inf")
+
+    def offer(self, payload: Any, n_alerts: int) -> None:
+        """Queue a payload about ``n_alerts`` alerts, or drop and count it when full."""
+        try:
+            self._q.put_nowait((payload, n_alerts))
+        except asyncio.QueueFull:
+            self._dropped(n_alerts, "queue_full", None)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"{self.ctx.component_id}-{self.nid}")
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far was delivered or dropped (once started)."""
+        if self._task is not None:
+            await self._q.join()
+
+    async def shutdown(self, deadline: float) -> None:
+        """Deliver what is queued within ``deadline`` seconds, then cancel and count the rest."""
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._q.join(), deadline)
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        left = 0
+        while not self._q.empty():
+            left += self._q.get_nowait()[1]
+        if left:
+            self._dropped(left, "shutdown", None)
+
+    async def _run(self) -> None:
+        while True:
+            payload, n = await self._q.get()
+            try:
+                await self._deliver(payload, n)
+            except asyncio.CancelledError:
+                self._dropped(n, "shutdown", None)
+                raise
+            except Exception as e:  # never let one bad payload stop the channel
+                self._dropped(n, "error", e)
+            finally:
+                self._q.task_done()
+
+    async def _deliver(self, payload: Any, n: int) -> None:
+        clock, retry = self.ctx.clock, self.cfg.retry
+        started = clock.monotonic()
+        interval = retry.initial_interval
+        while True:
+            wait = self._next_slot - clock.monotonic()
+            if wait > 0:
+                await clock.sleep(wait)
+            self._next_slot = clock.monotonic() + self.min_interval
+            try:
+                await self._send(payload)
+            except PermanentError as e:
+                self._dropped(n, "rejected", e)
+                return
+            except (RetryableError, aiohttp.ClientError, TimeoutError, OSError) as e:
+                self.ctx.count(self.nid, "failed", n)
+                self.ctx.telemetry.send_failed(SIGNAL, n, f"{self.nid}:{type(e).__name__}", e)
+                # The peer's Retry-After wins; our own backoff grows only when it is used.
+                hint = getattr(e, "retry_after", None)
+                if hint is not None:
+                    delay = hint
+                else:
+                    delay = interval * (1 + retry.randomization_factor * (2 * random.random() - 1))
+                    interval = min(interval * retry.multiplier, retry.max_interval)
+                if not retry.enabled or clock.monotonic() - started + delay > retry.max_elapsed_time:
+                    self._dropped(n, "retries_exhausted", e)
+                    return
+                self.ctx.telemetry.retried(SIGNAL)
+                await clock.sleep(delay)
+            else:
+                self.ctx.count(self.nid, "sent", n)
+                self.ctx.telemetry.sent(SIGNAL, n)
+                self.ctx.failing(self.nid, None)
+                return
+
+    def _dropped(self, n: int, reason: str, error: BaseException | None) -> None:
+        self.ctx.count(self.nid, "dropped", n)
+        self.ctx.telemetry.dropped(SIGNAL, n, f"{self.nid}:{reason}", error)
+        if reason != "shutdown":
+            self.ctx.failing(self.nid, f"{reason}: {error}" if error else reason)
+
+
+class Notifier:
+    """One configured notifier (``type`` or ``type/name``). Subclasses implement ``notify``."""
+
+    def __init__(self, notifier_id: str, ctx: NotifyContext) -> None:
+        self.id = notifier_id
+        self.ctx = ctx
+        self.channels: list[Channel] = []
+
+    def notify(self, update: Update) -> None:
+        """Pick what to send from ``update`` and queue it. Must not block or raise."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        for ch in self.channels:
+            ch.start()
+
+    async def drain(self) -> None:
+        for ch in self.channels:
+            await ch.drain()
+
+    async def shutdown(self, deadline: float) -> None:
+        await asyncio.gather(*(ch.shutdown(deadline) for ch in self.channels))
+
+
+def transitions_to_send(update: Update, send_resolved: bool) -> list[Any]:
+    """The transitions a per-event notifier (Slack, PagerDuty, webhook, log) reports."""
+    return [a for a in update.transitions if a.state == "firing" or send_resolved]

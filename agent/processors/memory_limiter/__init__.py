@@ -1,0 +1,7 @@
+"""``memory_limiter`` processor: refuses data above soft limits so that senders back off."""
+
+from agent.processors.memory_limiter.processor import MemoryLimiter, MemoryLimiterFactory
+
+factory = MemoryLimiterFactory()
+
+__all__ = ["MemoryLimiter", "factory"]
