@@ -15,10 +15,11 @@ https://opentelemetry.io/docs/specs/otlp/#json-protobuf-encoding:
   (forward compatibility).
 
 The codec walks the message descriptors itself instead of using ``json_format``: it
-knows where the hex ids are, and it is ~8x faster (``ParseDict`` costs ~45 µs per
-span in pure Python; here a span is a few dict look-ups, and the protobuf is built in
-one C call from nested dicts). ``tests/test_otlpjson.py`` checks it against
-``json_format`` on generated messages.
+knows where the hex ids are, and it is faster (per span with three attributes, here:
+decode 15 µs vs ``ParseDict`` 45 µs, encode 11 µs vs ``MessageToDict`` 21 µs), since
+the protobuf is built in one C call from nested dicts and the field tables are built
+once per message type. ``tests/test_otlpjson.py`` checks it against ``json_format``
+on generated messages.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import binascii
 import json
 import math
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -62,6 +62,10 @@ _FLOAT_TYPES = frozenset({FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOA
 _SPECIAL_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 _SKIP = object()  # a decoded value that leaves the field unset (an unknown enum name)
+# Deepest message nesting accepted (attribute values nest without bound). upb refuses
+# to parse protobuf nested deeper than this, so what JSON brings in can be re-parsed
+# wherever it goes as protobuf (a persistent queue, another agent).
+MAX_DEPTH = 100
 
 
 class _Invalid(ValueError):
@@ -96,10 +100,7 @@ def decode_json(signal: Signal, data: bytes | bytearray | str) -> Message:
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise ValueError(f"invalid JSON: {e}") from None
     cls: Any = BATCH_TYPES[signal].message_type
-    try:
-        fields = _decode_message(cls.DESCRIPTOR, obj)
-    except RecursionError:
-        raise ValueError("invalid OTLP/JSON: nested too deeply") from None
+    fields = _decode_message(cls.DESCRIPTOR, obj, 1)
     try:
         return cls(**fields)
     except (TypeError, ValueError) as e:  # what the checks above leave to protobuf
@@ -107,7 +108,8 @@ def decode_json(signal: Signal, data: bytes | bytearray | str) -> Message:
 
 
 def encode_json(message: Message) -> bytes:
-    """Serialise an OTLP message (request, response or ``google.rpc.Status``) as OTLP/JSON.
+    """Serialise an OTLP message (request, response, or ``google.rpc.Status`` without
+    ``details``) as OTLP/JSON.
 
     Compact UTF-8 JSON, lowerCamelCase keys, enums as integers, 64-bit integers as
     strings, fields at their default value left out, and trace/span ids as lowercase hex.
@@ -118,14 +120,24 @@ def encode_json(message: Message) -> bytes:
 
 # --------------------------------------------------------------------------- decoding
 
-_Decoder = Callable[[Any], Any]
+# A value decoder takes the JSON value and the depth of the message holding it.
+_Decoder = Callable[[Any, int], Any]
 
 
-def _decode_message(descriptor: Descriptor, obj: Any) -> dict[str, Any]:
+# Per message descriptor, per JSON key: field name, value decoder, oneof. A plain dict
+# rather than functools.cache: this look-up runs for every message.
+_DECODERS: dict[Descriptor, dict[str, tuple[str, _Decoder, str | None]]] = {}
+
+
+def _decode_message(descriptor: Descriptor, obj: Any, depth: int) -> dict[str, Any]:
     """A JSON object -> keyword arguments for the message's constructor."""
     if not isinstance(obj, dict):
         raise _Invalid(f"expected an object, got {_json_type(obj)}")
-    table = _decoders(descriptor)
+    if depth > MAX_DEPTH:
+        raise _Invalid(f"messages nested more than {MAX_DEPTH} deep")
+    table = _DECODERS.get(descriptor)
+    if table is None:
+        table = _DECODERS[descriptor] = _decoders(descriptor)
     out: dict[str, Any] = {}
     oneofs: set[str] | None = None
     for key, value in obj.items():
@@ -134,7 +146,7 @@ def _decode_message(descriptor: Descriptor, obj: Any) -> dict[str, Any]:
             continue
         name, decode, oneof = entry
         try:
-            decoded = decode(value)
+            decoded = decode(value, depth)
         except _Invalid as e:
             e.path.append(f".{key}")
             raise
@@ -150,7 +162,6 @@ def _decode_message(descriptor: Descriptor, obj: Any) -> dict[str, Any]:
     return out
 
 
-@cache
 def _decoders(descriptor: Descriptor) -> dict[str, tuple[str, _Decoder, str | None]]:
     """Per JSON key (lowerCamelCase, and the proto name that json_format also accepts):
     the field name, its value decoder, and its oneof."""
@@ -165,7 +176,7 @@ def _decoders(descriptor: Descriptor) -> dict[str, tuple[str, _Decoder, str | No
 
 
 def _repeated(decode: _Decoder) -> _Decoder:
-    def decode_list(value: Any) -> list[Any]:
+    def decode_list(value: Any, depth: int) -> list[Any]:
         if not isinstance(value, list):
             raise _Invalid(f"expected a list, got {_json_type(value)}")
         out = []
@@ -173,7 +184,7 @@ def _repeated(decode: _Decoder) -> _Decoder:
             try:
                 if item is None:
                     raise _Invalid("null is not allowed in a list")
-                out.append(decode(item))
+                out.append(decode(item, depth))
             except _Invalid as e:
                 e.path.append(f"[{i}]")
                 raise
@@ -185,7 +196,7 @@ def _value_decoder(field: FieldDescriptor) -> _Decoder:
     t = field.type
     if t == FieldDescriptor.TYPE_MESSAGE:
         sub = field.message_type
-        return lambda value: _decode_message(sub, value)
+        return lambda value, depth: _decode_message(sub, value, depth + 1)
     if t in _INT_RANGES:
         return _int_decoder(*_INT_RANGES[t])
     if t in _FLOAT_TYPES:
@@ -203,7 +214,7 @@ def _value_decoder(field: FieldDescriptor) -> _Decoder:
 
 
 def _int_decoder(low: int, high: int) -> _Decoder:
-    def decode_int(value: Any) -> int:
+    def decode_int(value: Any, _depth: int) -> int:
         if isinstance(value, bool):
             raise _Invalid(f"expected an integer, got {_json_type(value)}")
         if isinstance(value, int):
@@ -223,7 +234,7 @@ def _int_decoder(low: int, high: int) -> _Decoder:
     return decode_int
 
 
-def _decode_float(value: Any) -> float:
+def _decode_float(value: Any, _depth: int) -> float:
     if isinstance(value, bool):
         raise _Invalid(f"expected a number, got {_json_type(value)}")
     if isinstance(value, int | float):
@@ -239,19 +250,19 @@ def _decode_float(value: Any) -> float:
     raise _Invalid(f"expected a number, got {value!r}")
 
 
-def _decode_bool(value: Any) -> bool:
+def _decode_bool(value: Any, _depth: int) -> bool:
     if not isinstance(value, bool):
         raise _Invalid(f"expected true or false, got {_json_type(value)}")
     return value
 
 
-def _decode_string(value: Any) -> str:
+def _decode_string(value: Any, _depth: int) -> str:
     if not isinstance(value, str):
         raise _Invalid(f"expected a string, got {_json_type(value)}")
     return value
 
 
-def _decode_bytes(value: Any) -> bytes:
+def _decode_bytes(value: Any, _depth: int) -> bytes:
     """Base64, standard or URL-safe alphabet, padding optional (as json_format reads it)."""
     if not isinstance(value, str):
         raise _Invalid(f"expected a base64 string, got {_json_type(value)}")
@@ -264,7 +275,7 @@ def _decode_bytes(value: Any) -> bytes:
 
 
 def _hex_decoder(json_name: str, length: int) -> _Decoder:
-    def decode_hex(value: Any) -> bytes:
+    def decode_hex(value: Any, _depth: int) -> bytes:
         if not isinstance(value, str):
             raise _Invalid(f"{json_name} must be a hex string, got {value!r}")
         if not value:
@@ -286,7 +297,7 @@ def _hex_decoder(json_name: str, length: int) -> _Decoder:
 def _enum_decoder(field: FieldDescriptor) -> _Decoder:
     by_name = {v.name: v.number for v in field.enum_type.values}
 
-    def decode_enum(value: Any) -> Any:
+    def decode_enum(value: Any, _depth: int) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             if not -(2**31) <= value < 2**31:
                 raise _Invalid(f"{value} is out of range")
@@ -324,25 +335,34 @@ def _json_type(value: Any) -> str:
 _Encoder = Callable[[Any], Any]
 
 
+# Per field descriptor: its JSON name and value encoder (None: the value as it is).
+# A plain dict rather than functools.cache: this look-up runs for every field.
+_ENCODERS: dict[FieldDescriptor, tuple[str, _Encoder | None]] = {}
+
+
 def _encode_message(message: Message) -> dict[str, Any]:
     """The set fields of ``message`` (``ListFields``: defaults are left out)."""
     out = {}
     for field, value in message.ListFields():
-        json_name, encode = _encoder(field)
-        out[json_name] = encode(value)
+        entry = _ENCODERS.get(field)
+        if entry is None:
+            entry = _ENCODERS[field] = _encoder(field)
+        json_name, encode = entry
+        out[json_name] = value if encode is None else encode(value)
     return out
 
 
-@cache
-def _encoder(field: FieldDescriptor) -> tuple[str, _Encoder]:
+def _encoder(field: FieldDescriptor) -> tuple[str, _Encoder | None]:
     encode = _value_encoder(field)
     if _is_repeated(field):
+        if encode is None:
+            return field.json_name, list
         item = encode
-        encode = lambda values: [item(v) for v in values]  # noqa: E731
+        return field.json_name, lambda values: [item(v) for v in values]
     return field.json_name, encode
 
 
-def _value_encoder(field: FieldDescriptor) -> _Encoder:
+def _value_encoder(field: FieldDescriptor) -> _Encoder | None:
     t = field.type
     if t == FieldDescriptor.TYPE_MESSAGE:
         return _encode_message
@@ -354,11 +374,7 @@ def _value_encoder(field: FieldDescriptor) -> _Encoder:
         if field.name in _HEX_IDS:
             return bytes.hex
         return lambda value: base64.b64encode(value).decode("ascii")
-    return _identity  # bool, string, 32-bit integers, enums (as numbers)
-
-
-def _identity(value: Any) -> Any:
-    return value
+    return None  # bool, string, 32-bit integers, enums (as numbers)
 
 
 def _encode_float(value: float) -> float | str:

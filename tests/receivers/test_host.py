@@ -218,6 +218,9 @@ async def test_inference_processes_from_enrich_pids_and_name_patterns(tmp_path):
     assert res["service.name"] == "ranker" and value == pytest.approx(
         psutil.Process().memory_info().rss, rel=0.5)
     assert "service.name" not in rss[child.pid][0]
+    # Each point names its process too, so flattening resources cannot merge processes.
+    assert all(a["process.pid"] == res["process.pid"]
+               for res, a, _v, _m in first["process.memory.usage"])
     threads = {res["process.pid"]: v for res, _a, v, _m in second["process.thread.count"]}
     assert threads[os.getpid()] >= 1
     assert {res["process.pid"] for res, *_ in second["process.cpu.utilization"]} == {

@@ -363,6 +363,21 @@ async def test_bad_http_input_is_refused_with_the_right_code(
     await assert_still_serves(rx)
 
 
+@pytest.mark.parametrize("framing", [b"Content-Length: 1000\r\n\r\n0123456789",
+                                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nab"])
+async def test_client_leaving_mid_body_is_counted_and_harmless(rx, framing):
+    host, port = rx.receiver.http.endpoint.rsplit(":", 1)
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+                 + framing)
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await rx.sinks[Signal.TRACES].wait_for(lambda _: rx.refused("incomplete_body") == 1)
+    assert rx.sinks[Signal.TRACES].batches == []
+    await assert_still_serves(rx)
+
+
 async def test_wrong_method_is_405_with_allow(rx):
     async with aiohttp.ClientSession() as session, session.get(rx.url()) as resp:
         assert resp.status == 405

@@ -60,7 +60,9 @@ class ElasticsearchConfig:
     # a per-attempt limit well above the per-request ``timeout``.
     sending_queue: QueueConfig = field(
         default_factory=lambda: QueueConfig(persistent=True, timeout=120.0))
-    retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
+    # Retry for as long as the backend is away: the (persistent) queue bounds what is
+    # held, and a full queue turns into backpressure to the senders instead of a drop.
+    retry_on_failure: RetryConfig = field(default_factory=lambda: RetryConfig(max_elapsed_time=0))
 
     def validate(self) -> list[str]:
         errs = []

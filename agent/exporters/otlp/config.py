@@ -39,7 +39,9 @@ class OTLPExporterConfig:
     tls: TLSConfig = field(default_factory=TLSConfig)
     # Persistent: what was acknowledged survives a restart during a backend outage.
     sending_queue: QueueConfig = field(default_factory=lambda: QueueConfig(persistent=True))
-    retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
+    # Retry for as long as the backend is away: the (persistent) queue bounds what is
+    # held, and a full queue turns into backpressure to the senders instead of a drop.
+    retry_on_failure: RetryConfig = field(default_factory=lambda: RetryConfig(max_elapsed_time=0))
 
     def validate(self) -> list[str]:
         errs = []

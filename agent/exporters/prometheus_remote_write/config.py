@@ -28,8 +28,10 @@ class RemoteWriteConfig(TranslationConfig):
     exemplars: bool = True
     # Each shard gets max_items / shards and max_bytes / shards; ``consumers`` is
     # ignored (one in-order worker per shard); ``timeout`` is per request.
-    sending_queue: QueueConfig = field(default_factory=QueueConfig)
-    retry_on_failure: RetryConfig = field(default_factory=RetryConfig)
+    sending_queue: QueueConfig = field(default_factory=lambda: QueueConfig(persistent=True))
+    # Retry for as long as the backend is away: the (persistent) queue bounds what is
+    # held, and a full queue turns into backpressure to the senders instead of a drop.
+    retry_on_failure: RetryConfig = field(default_factory=lambda: RetryConfig(max_elapsed_time=0))
 
     def validate(self) -> list[str]:
         errs = TranslationConfig.validate(self)

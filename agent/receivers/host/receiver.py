@@ -379,15 +379,18 @@ class HostReceiver:
         sm = rm.scope_metrics.add()
         sm.scope.name = SCOPE_NAME
         ms = _MetricSet(sm, now)
+        # The pid also labels each point: backends that flatten resources into a
+        # job/instance (Prometheus) would otherwise merge the processes of one host.
+        point = {"process.pid": pid}
         if entry is not None and mono > entry[2]:
             util = (cpu_s - entry[1]) / ((mono - entry[2]) * ncpu)
             ms.gauge("process.cpu.utilization", "1",
                      "CPU time used by the process over elapsed time times logical CPUs.",
-                     min(max(util, 0.0), 1.0))
-        ms.gauge("process.memory.usage", "By", "Resident set size of the process.", rss)
-        ms.gauge("process.thread.count", "{thread}", "Threads of the process.", threads)
+                     min(max(util, 0.0), 1.0), point)
+        ms.gauge("process.memory.usage", "By", "Resident set size of the process.", rss, point)
+        ms.gauge("process.thread.count", "{thread}", "Threads of the process.", threads, point)
         ms.gauge("process.open_file_descriptor.count", "{file_descriptor}",
-                 "Open file descriptors of the process (files, sockets, pipes).", fds)
+                 "Open file descriptors of the process (files, sockets, pipes).", fds, point)
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None

@@ -15,6 +15,7 @@ import zlib
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
 from google.protobuf.message import Message
 from google.rpc import code_pb2, status_pb2
 
@@ -219,6 +220,11 @@ class HttpServer:
             raise self._refuse(413, signal, "too_large", too_large) from None
         except zlib.error as e:
             raise self._refuse(400, signal, "decode_error", f"invalid gzip body: {e}") from None
+        except (ConnectionError, PayloadEncodingError) as e:
+            # The client went away or broke the body's framing: nothing was accepted, and
+            # the answer most likely reaches no one; count it instead of a traceback.
+            raise self._refuse(400, signal, "incomplete_body",
+                               f"request body not received in full: {e}") from None
 
     def _refuse(self, http_status: int, signal: Signal | None, reason: str, message: str,
                 code: int = code_pb2.INVALID_ARGUMENT) -> HttpRefusal:
