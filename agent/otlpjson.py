@@ -62,10 +62,11 @@ _FLOAT_TYPES = frozenset({FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOA
 _SPECIAL_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 _SKIP = object()  # a decoded value that leaves the field unset (an unknown enum name)
-# Deepest message nesting accepted (attribute values nest without bound). upb refuses
-# to parse protobuf nested deeper than this, so what JSON brings in can be re-parsed
-# wherever it goes as protobuf (a persistent queue, another agent).
-MAX_DEPTH = 100
+# Deepest message nesting accepted, the request itself being 1 (attribute values can
+# nest without bound). upb parses protobuf with at most 100 levels of submessages, so
+# this keeps what JSON brings in re-parsable wherever it goes as protobuf (a
+# persistent queue, another agent).
+MAX_DEPTH = 101
 
 
 class _Invalid(ValueError):

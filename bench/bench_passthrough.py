@@ -1,11 +1,20 @@
-"""Passthrough throughput: otlp receiver -> batch -> otlp exporter -> counting sink.
+"""Pipeline throughput, every variant against the same passthrough in ONE run.
 
-    python bench/bench_passthrough.py [--duration 15] [--variants memory,persistent]
+    python bench/bench_passthrough.py [--duration 15] [--variants passthrough,persistent,...]
 
-Prints, from one run: spans/s accepted (acknowledged to the load generator) and
-exported (counted by the sink) per pipeline variant, the raw upb decode rate of the
-same payloads, their ratio, and the agent's peak RSS. The load generator and sink
-run as separate processes beside the agent (all on this 2-core machine).
+The agent runs through the CLI; a load generator process sends pre-serialised OTLP
+requests (512 spans of ~250 bytes, 6 attributes) over gRPC and a sink process counts
+what the otlp exporter delivers. Prints spans/s accepted (acknowledged to the
+generator) and exported (counted by the sink) per variant, the raw upb decode rate of
+the same payloads, each variant's ratio to the passthrough, and the agent's peak RSS.
+All processes share this machine's cores.
+
+Variants:
+  passthrough   otlp -> batch -> otlp exporter (memory queue)
+  persistent    the same with the SQLite queue (default durability)
+  enrich        + the enrich processor
+  latency       + the latency connector (traces -> metrics -> prometheus)
+  drift         + the drift connector, every span carrying a prediction and 5 features
 """
 
 from __future__ import annotations
@@ -15,59 +24,81 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import decode_rate, run_pipeline
-from payloads import make_payloads
+from harness import decode_rate, run_pipeline  # noqa: E402
+from payloads import make_payloads  # noqa: E402
 
-BASE = """
+TEMPLATE = """
 [receivers.otlp]
 grpc.endpoint = "{GRPC}"
 http.endpoint = "{HTTP}"
 grpc.max_request_size = "64MiB"
 [processors.batch]
+@PROCESSOR_TABLES@
 [exporters.otlp]
 endpoint = "{SINK}"
 compression = "none"
-{QUEUE}
+sending_queue.persistent = @PERSISTENT@
+@EXTRA_TABLES@
 [service]
 state_dir = "{STATE}"
 health.endpoint = "{HEALTH}"
 telemetry.log_level = "warning"
 [service.pipelines.traces]
 receivers = ["otlp"]
-processors = [{PROCESSORS}]
-exporters = ["otlp"]
+processors = [@PROCESSORS@"batch"]
+exporters = ["otlp"@EXPORTERS@]
+@EXTRA_PIPELINES@
 """
 
-VARIANTS = {
-    "memory": ('sending_queue.persistent = false', '"batch"'),
-    "persistent": ('sending_queue.persistent = true', '"batch"'),
-    "memory-nobatch": ('sending_queue.persistent = false', ''),
-}
+METRICS_PIPELINE = """
+[exporters.prometheus]
+endpoint = "{PROM}"
+"""
 
 
-def config(variant: str) -> str:
-    queue, procs = VARIANTS[variant]
-    return (BASE.replace("{QUEUE}", queue).replace("{PROCESSORS}", procs)
-            .replace("{", "{{").replace("}", "}}")
-            .replace("{{GRPC}}", "{GRPC}").replace("{{HTTP}}", "{HTTP}")
-            .replace("{{SINK}}", "{SINK}").replace("{{STATE}}", "{STATE}")
-            .replace("{{HEALTH}}", "{HEALTH}"))
+def variant(name: str) -> tuple[str, tuple[str, ...]]:
+    """(config, extra load generator args) of one variant."""
+    sub = {"@PROCESSOR_TABLES@": "", "@PERSISTENT@": "false", "@EXTRA_TABLES@": "",
+           "@PROCESSORS@": "", "@EXPORTERS@": "", "@EXTRA_PIPELINES@": ""}
+    args: tuple[str, ...] = ()
+    if name == "persistent":
+        sub["@PERSISTENT@"] = "true"
+    elif name == "enrich":
+        sub["@PROCESSOR_TABLES@"] = "[processors.enrich]"
+        sub["@PROCESSORS@"] = '"enrich", '
+    elif name in ("latency", "drift"):
+        sub["@EXTRA_TABLES@"] = f"[connectors.{name}]\n" + METRICS_PIPELINE
+        sub["@EXPORTERS@"] = f', "{name}"'
+        sub["@EXTRA_PIPELINES@"] = (f'[service.pipelines.metrics]\nreceivers = ["{name}"]\n'
+                                    'exporters = ["prometheus"]')
+        if name == "drift":
+            args = ("--predictions", "--features", "5")
+    elif name != "passthrough":
+        raise SystemExit(f"unknown variant {name!r}")
+    text = TEMPLATE
+    for k, v in sub.items():
+        text = text.replace(k, v)
+    return text, args
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=15)
-    ap.add_argument("--variants", default="memory,persistent")
+    ap.add_argument("--variants", default="passthrough,persistent,enrich,latency,drift")
     a = ap.parse_args()
-    results = [run_pipeline(v, config(v), a.duration) for v in a.variants.split(",")]
+    names = a.variants.split(",")
+    if names[0] != "passthrough":
+        names.insert(0, "passthrough")
+    results = []
+    for n in names:
+        cfg, args = variant(n)
+        results.append(run_pipeline(n, cfg, a.duration, loadgen_args=args))
     dec = decode_rate(make_payloads(16))
     print(f"raw upb decode of the same payloads: {dec:,.0f} spans/s (one core)")
+    base = results[0]
     for r in results:
-        print(r.line() + f"   exported/decode {r.exported_per_s / dec:.3f}")
-    if len(results) > 1:
-        base = results[0]
-        for r in results[1:]:
-            print(f"ratio {r.name}/{base.name} (exported): {r.exported_per_s / base.exported_per_s:.2f}")
+        print(r.line() + f"   exported/decode {r.exported_per_s / dec:.3f}"
+              f"   ratio to passthrough {r.exported_per_s / base.exported_per_s:.2f}")
 
 
 if __name__ == "__main__":

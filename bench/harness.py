@@ -71,15 +71,18 @@ def wait_http(url: str, timeout: float = 30) -> None:
 
 def run_pipeline(name: str, pipeline_toml: str, duration: float = 15, concurrency: int = 8,
                  loadgen_args: tuple[str, ...] = ()) -> Result:
-    """Run ``pipeline_toml`` (with {SINK}, {GRPC}, {HTTP}, {HEALTH}, {STATE} placeholders)
+    """Run ``pipeline_toml`` (with {SINK}, {GRPC}, {HTTP}, {HEALTH}, {PROM}, {STATE} placeholders)
     under load for ``duration`` seconds; count what the sink received."""
     sink_port, grpc_port, http_port, health = free_port(), free_port(), free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "agent.toml"
-        cfg.write_text(pipeline_toml.format(SINK=f"127.0.0.1:{sink_port}",
-                                            GRPC=f"127.0.0.1:{grpc_port}",
-                                            HTTP=f"127.0.0.1:{http_port}",
-                                            HEALTH=f"127.0.0.1:{health}", STATE=tmp))
+        values = {"{SINK}": f"127.0.0.1:{sink_port}", "{GRPC}": f"127.0.0.1:{grpc_port}",
+                  "{HTTP}": f"127.0.0.1:{http_port}", "{HEALTH}": f"127.0.0.1:{health}",
+                  "{PROM}": f"127.0.0.1:{free_port()}", "{STATE}": tmp}
+        text = pipeline_toml
+        for k, v in values.items():
+            text = text.replace(k, v)
+        cfg.write_text(text)
         sink = subprocess.Popen([sys.executable, str(HERE / "sink.py"), "--port", str(sink_port)],
                                 stdout=subprocess.PIPE, text=True)
         sink.stdout.readline()  # type: ignore[union-attr]

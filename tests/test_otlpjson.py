@@ -9,6 +9,7 @@ import math
 
 import pytest
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
@@ -511,3 +512,31 @@ def test_value_errors_name_the_field_path(value, needle):
         decode_json(Signal.TRACES, body)
     if needle != "oneof":
         assert "resourceSpans[0].resource.attributes[0].value" in str(err.value)
+
+
+def _nested_attribute(levels: int) -> bytes:
+    """An attribute value that is an array in an array ... ``levels`` deep (written by
+    hand: json.dumps itself gives up on deep nesting)."""
+    value = '{"arrayValue":{"values":[' * levels + '{"stringValue":"x"}' + "]}}" * levels
+    head, tail = '{"resourceSpans":[{"resource":{"attributes":[{"key":"k","value":', "}]}}]}"
+    return (head + value + tail).encode()
+
+
+def test_nesting_is_limited_where_protobuf_parsing_stops():
+    # 48 nested arrays are the most that upb parses back from protobuf; JSON accepts
+    # exactly as much, so whatever came in as JSON can travel on as protobuf.
+    accepted = decode_json(Signal.TRACES, _nested_attribute(48))
+    assert ExportTraceServiceRequest.FromString(accepted.SerializeToString()) == accepted
+    value = AnyValue(string_value="x")
+    for _ in range(49):
+        outer = AnyValue()
+        outer.array_value.values.add().CopyFrom(value)
+        value = outer
+    too_deep = ExportTraceServiceRequest()
+    too_deep.resource_spans.add().resource.attributes.add(key="k").value.CopyFrom(value)
+    with pytest.raises(DecodeError):
+        ExportTraceServiceRequest.FromString(too_deep.SerializeToString())
+    with pytest.raises(ValueError, match="nested more than"):
+        decode_json(Signal.TRACES, _nested_attribute(49))
+    with pytest.raises(ValueError, match="nested"):  # json.loads' own limit, here
+        decode_json(Signal.TRACES, _nested_attribute(900))

@@ -5,6 +5,13 @@ merely buffered: each caller waits for the flush of the batch its data went into
 and sees that flush's outcome. Batching therefore never weakens the receiver's
 acknowledgement (DESIGN: nothing acknowledged is lost), and a SIGTERM flushes what
 is pending into the exporters before they stop.
+
+Because callers wait, a timer alone would put ``timeout`` on every request of a
+sender that exports one request at a time (the OTel SDKs' batch processors do).
+So batching is group commit: while fewer than ``max_in_flight`` flushes are running,
+a batch is flushed at once; data arriving while the flushes run is merged and goes
+in the next one. Under load batches grow by themselves, with no added latency when
+idle; ``send_batch_size`` and ``timeout`` bound a batch's size and wait.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ class BatchProcessor:
             p.batch.extend(batch)
             p.items += batch.item_count
             p.bytes += batch.byte_size
-        if p.items >= self.cfg.send_batch_size:
+        if p.items >= self.cfg.send_batch_size or len(self._flushing) < self.cfg.max_in_flight:
             self._flush_soon(p)
         await asyncio.shield(p.done)
 
@@ -89,6 +96,11 @@ class BatchProcessor:
         else:
             if not p.done.done():
                 p.done.set_result(None)
+        finally:
+            self._flushing.discard(asyncio.current_task())  # type: ignore[arg-type]
+            # What arrived during this flush goes now (group commit).
+            if self._pending is not None and len(self._flushing) < self.cfg.max_in_flight:
+                self._flush_soon(self._pending)
 
     async def shutdown(self) -> None:
         """Flush what is pending and wait for in-flight flushes."""
