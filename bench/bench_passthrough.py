@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import decode_rate, run_pipeline  # noqa: E402
-from payloads import make_payloads  # noqa: E402
+from harness import decode_rate, run_pipeline
+from payloads import make_payloads
 
 TEMPLATE = """
 [receivers.otlp]

@@ -127,29 +127,81 @@ def test_notify_ready_status_watchdog_and_stopping(tmp_path, ports, start_agent)
     ns.wait_for("STOPPING=1")
 
 
+class SlowUpstream:
+    """An OTLP/HTTP JSON upstream that holds every request until ``release`` is set."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        self.release = threading.Event()
+        self.span_ids: list[str] = []
+        self.arrived = threading.Semaphore(0)
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.arrived.release()
+                outer.release.wait(30)
+                for rs in body.get("resourceSpans", []):
+                    for ss in rs.get("scopeSpans", []):
+                        outer.span_ids.extend(sp["spanId"] for sp in ss.get("spans", []))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+
+
 def test_sigterm_drains_the_batch_processor(tmp_path, ports, start_agent) -> None:
+    """A batch still held in the batch processor at SIGTERM is flushed and delivered,
+    and its sender is acknowledged only then."""
     grpc, http, health = ports
-    out = tmp_path / "out.jsonl"
-    agent = start_agent(config(tmp_path, grpc, http, health, batch_timeout="1h"))
+    up = SlowUpstream()
+    text = config(tmp_path, grpc, http, health, batch_timeout="1h").replace(
+        f'[exporters.file]\npath = "{tmp_path / "out.jsonl"}"',
+        f'[exporters.otlp]\nendpoint = "http://127.0.0.1:{up.port}"\nprotocol = "http/json"\n'
+        'compression = "none"\nsending_queue.enabled = false').replace('exporters = ["file"]', 'exporters = ["otlp"]')
+    text = text.replace("send_batch_size = 100000", "send_batch_size = 100000\nmax_in_flight = 1")
+    agent = start_agent(text)
     agent.wait_ready(f"127.0.0.1:{health}")
-    result: dict[str, object] = {}
+    results: dict[str, object] = {}
 
-    def send() -> None:
+    def send(span_id: str) -> None:
         try:
-            result["status"] = post_span(http)
+            results[span_id] = post_span(http, span_id)
         except Exception as e:  # pragma: no cover - reported below
-            result["error"] = e
+            results[span_id] = e
 
-    t = threading.Thread(target=send)
-    t.start()
-    time.sleep(0.5)
-    assert t.is_alive(), "the batch is held (1h timeout), so the sender is not yet acknowledged"
-    assert span_ids_in(out) == []
-    agent.signal(signal.SIGTERM)
-    t.join(30)
-    assert result.get("status") == 200, result
-    assert agent.stop() == 0
-    assert span_ids_in(out) == ["eee19b7ec3c1b174"]
+    try:
+        first = threading.Thread(target=send, args=("0000000000000001",))
+        first.start()
+        assert up.arrived.acquire(timeout=15)  # the first flush is held at the upstream
+        second = threading.Thread(target=send, args=("0000000000000002",))
+        second.start()
+        time.sleep(0.5)  # the second request now waits in the batch processor
+        assert first.is_alive() and second.is_alive()
+        agent.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        up.release.set()
+        first.join(30)
+        second.join(30)
+        assert results == {"0000000000000001": 200, "0000000000000002": 200}
+        assert agent.proc.wait(30) == 0
+        assert sorted(up.span_ids) == ["0000000000000001", "0000000000000002"]
+    finally:
+        up.close()
 
 
 def test_sighup_with_broken_config_keeps_serving(tmp_path, ports, start_agent) -> None:
