@@ -130,3 +130,30 @@ def test_embedded_default_config_is_valid_and_matches_config_dir(capsys) -> None
     printed = capsys.readouterr().out
     repo_copy = Path(__file__).parent.parent / "config" / "agent.toml"
     assert printed.endswith(repo_copy.read_text())
+
+
+@pytest.mark.parametrize("example", sorted((DATA.parent.parent / "config" / "examples").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_examples_are_valid(example: Path) -> None:
+    import re
+
+    names = set(re.findall(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)", example.read_text()))
+    env = {n: "http://127.0.0.1:1/x" if "URL" in n else "x" for n in names}
+    env["OTLP_UPSTREAM"] = "127.0.0.1:4317"
+    cfg = load_config_file(example, factories(), env=env)
+    assert cfg.pipelines
+
+
+def test_prometheus_rules_pass_promtool() -> None:
+    import os
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is missing (CI installs Debian's prometheus)")
+        pytest.skip("promtool not installed")
+    rules = DATA.parent.parent / "config" / "prometheus-rules.yml"
+    r = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
