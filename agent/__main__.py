@@ -36,12 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("print-default-config", help="print the embedded default config")
 
-    try:
-        from agent.connectors.drift import cli as drift_cli
-    except ImportError:
-        drift_cli = None
-    if drift_cli is not None:
-        drift_cli.add_parser(sub)
+    from agent.connectors.drift import cli as drift_cli
+
+    drift_cli.add_parser(sub)
     return p
 
 

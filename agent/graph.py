@@ -24,7 +24,6 @@ from typing import Any
 
 from agent.component import (
     Capabilities,
-    Consumer,
     Host,
     Kind,
     PermanentError,
@@ -198,7 +197,7 @@ class Graph:
         connectors = {k.split(".", 1)[1]: c for k, c in cfg.components.items()
                       if c.kind is Kind.CONNECTOR}
         for cid, cc in connectors.items():
-            next_: dict[Signal, Consumer] = {}
+            next_: dict[Signal, Any] = {}
             for sig, p in pipes.values():
                 if cid in p.receivers:
                     next_[sig] = conn_out.setdefault((cid, sig), Fanout())
@@ -210,7 +209,8 @@ class Graph:
                 inst = cc.factory.create(self._settings(cc.id, Kind.EXPORTER), cc.config, {})
                 self.nodes[f"exporter:{cc.id}"] = Node(f"exporter:{cc.id}", cc.id, Kind.EXPORTER, inst)
 
-        heads: dict[str, tuple[Any, str]] = {}  # pipeline id -> (head consumer, head node key)
+        # pipeline id -> (head consumer, keys of the nodes the head feeds into)
+        heads: dict[str, tuple[_PipelineHead, set[str]]] = {}
         for pid, (sig, p) in pipes.items():
             targets, target_keys = [], []
             for eid in p.exporters:
@@ -289,8 +289,10 @@ class Graph:
 
     def _host_for(self, node: Node) -> Host:
         """The shared host, with ``report_status`` bound to this node."""
-        return dataclasses.replace(
-            self.host, report_status=lambda _id, st, err=None: self.set_status(node, st, err))
+        def report(_id: str, status: Status, error: str | None = None) -> None:
+            self.set_status(node, status, error)
+
+        return dataclasses.replace(self.host, report_status=report)
 
     def component_failed(self, node: Node, error: BaseException) -> None:
         self.telemetry.errors.labels(node.path).inc()

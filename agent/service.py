@@ -320,7 +320,8 @@ class Agent:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def _status(self, _: web.Request) -> web.Response:
-        body = self.graph.status() if self.graph is not None else {"ready": False}
+        body: dict[str, Any] = (self.graph.status() if self.graph is not None
+                                else {"ready": False})
         body["config"] = self.config.source
         body["state_dir"] = str(self.state_dir)
         body["reloads"] = self.reloads

@@ -99,8 +99,9 @@ def span(name: str = "op", *, trace_id: bytes = b"\x01" * 16, span_id: bytes = b
          attributes: Mapping[str, Any] | None = None) -> Span:
     """One span; times in Unix nanoseconds."""
     s = Span(name=name, trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id,
-             start_time_unix_nano=start, end_time_unix_nano=end, kind=kind)
-    s.status.code = status
+             start_time_unix_nano=start, end_time_unix_nano=end)
+    s.kind = kind  # type: ignore[assignment]  # protobuf enums are ints at run time
+    s.status.code = status  # type: ignore[assignment]
     _fill_attrs(s.attributes, attributes)
     return s
 
@@ -125,7 +126,8 @@ def trace_batch(spans: Iterable[Span] | Mapping[str, Iterable[Span]],
 def log_record(body: Any = "hello", *, time: int = 1_000_000_000, severity: int = 9,
                trace_id: bytes = b"", span_id: bytes = b"",
                attributes: Mapping[str, Any] | None = None) -> LogRecord:
-    r = LogRecord(time_unix_nano=time, severity_number=severity, trace_id=trace_id, span_id=span_id)
+    r = LogRecord(time_unix_nano=time, trace_id=trace_id, span_id=span_id)
+    r.severity_number = severity  # type: ignore[assignment]
     python_to_anyvalue(body, r.body)
     _fill_attrs(r.attributes, attributes)
     return r
@@ -162,7 +164,7 @@ def monotonic_sum(name: str, points: Iterable[tuple[Mapping[str, Any], float]], 
                   temporality: int = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE) -> Metric:
     m = Metric(name=name, unit=unit)
     m.sum.is_monotonic = True
-    m.sum.aggregation_temporality = temporality
+    m.sum.aggregation_temporality = temporality  # type: ignore[assignment]
     for attrs, value in points:
         dp = m.sum.data_points.add(time_unix_nano=time, start_time_unix_nano=start,
                                    as_double=float(value))
