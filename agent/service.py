@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -62,12 +63,17 @@ class StateDirError(Exception):
     """The state directory cannot be used; the message says which path and why."""
 
 
-def resolve_state_dir(config: AgentConfig, env: dict[str, str] | None = None) -> Path:
-    """``$STATE_DIRECTORY`` (systemd), else ``service.state_dir``, else the XDG state dir."""
-    env = dict(os.environ) if env is None else env
+def resolve_state_dir(config: AgentConfig | None,
+                      env: Mapping[str, str] | None = None) -> Path:
+    """``$STATE_DIRECTORY`` (systemd), else ``service.state_dir``, else the XDG state dir.
+
+    The ``reference`` commands call it without a config to find a running agent's
+    default state directory.
+    """
+    env = os.environ if env is None else env
     if env.get("STATE_DIRECTORY"):
         return Path(env["STATE_DIRECTORY"].split(":")[0])
-    if config.service.state_dir is not None:
+    if config is not None and config.service.state_dir is not None:
         return Path(config.service.state_dir)
     base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "mlagent"

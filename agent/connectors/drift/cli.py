@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -47,6 +46,7 @@ from agent.connectors.drift.reference import (
     build_categorical,
     numeric_edges,
 )
+from agent.service import resolve_state_dir
 
 MISSING = frozenset({"", "na", "nan", "null", "none"})
 # Distinct values counted per categorical column; rarer ones beyond this land in "other".
@@ -388,17 +388,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- list / show / reset
 
 
-def default_state_dir() -> Path:
-    """The agent's default state directory (as ``agent.service`` resolves it without config)."""
-    if os.environ.get("STATE_DIRECTORY"):
-        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "mlagent"
-
-
 def _learned(args: argparse.Namespace) -> list[tuple[Path, Reference]]:
     """The learned references, filtered by the subject options when given."""
-    state = args.state_dir if args.state_dir is not None else default_state_dir()
+    state = args.state_dir if args.state_dir is not None else resolve_state_dir(None)
     directory = Path(state) / REFERENCES_SUBDIR
     out: list[tuple[Path, Reference]] = []
     if not directory.is_dir():
