@@ -231,16 +231,28 @@ def decode(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
     return value
 
 
-def decode_dataclass(cls: Any, raw: Any, path: str, errors: list[str]) -> Any:
-    """Build ``cls`` from a TOML table: defaults for missing keys, errors for unknown ones."""
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def decode_dataclass(cls: Any, raw: Any, path: str, errors: list[str], base: Any = None) -> Any:
+    """Build ``cls`` from a TOML table: defaults for missing keys, errors for unknown ones.
+
+    Missing keys take the values of ``base`` when given. A nested table starts from its
+    field's own default, so ``sending_queue.persistent = false`` keeps the other
+    queue settings an exporter chose as its defaults.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
         errors.append(f"{path or '(top level)'}: expected a table, got {raw!r}")
-        return cls()
+        return cls() if base is None else base
     hints = get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = ({} if base is None else
+                              {n: getattr(base, n) for n in fields})
     for key, value in raw.items():
         name = key.replace("-", "_")
         if keyword.iskeyword(name):  # `for = "5m"` fills the field `for_`
@@ -249,7 +261,12 @@ def decode_dataclass(cls: Any, raw: Any, path: str, errors: list[str]) -> Any:
             known = [f.rstrip("_") if keyword.iskeyword(f.rstrip("_")) else f for f in fields]
             errors.append(f"{_join(path, key)}: unknown key{_did_you_mean(key, known)}")
             continue
-        kwargs[name] = decode(hints[name], value, _join(path, key), errors)
+        default = _field_default(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            kwargs[name] = decode_dataclass(type(default), value, _join(path, key), errors,
+                                            base=default)
+        else:
+            kwargs[name] = decode(hints[name], value, _join(path, key), errors)
     try:
         obj = cls(**{k: v for k, v in kwargs.items() if v is not None})
     except (TypeError, ValueError) as e:
@@ -259,20 +276,6 @@ def decode_dataclass(cls: Any, raw: Any, path: str, errors: list[str]) -> Any:
     if callable(validate) and not any(e.startswith(path) for e in errors if path):
         for err in validate() or ():
             errors.append(_join(path, err) if path else err)
-    return obj
-
-
-def to_toml_value(obj: Any) -> Any:
-    """A dataclass config back to plain TOML-able values (for ``print-default-config``)."""
-    if dataclasses.is_dataclass(obj):
-        return {(f.name[:-1] if keyword.iskeyword(f.name[:-1]) else f.name):
-                to_toml_value(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, list | tuple):
-        return [to_toml_value(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_toml_value(v) for k, v in obj.items()}
-    if isinstance(obj, Path):
-        return str(obj)
     return obj
 
 

@@ -1,18 +1,20 @@
 """Latency connector throughput against a decode-only passthrough, in one process and run.
 
-    python bench/bench_latency.py [--batches 200] [--rounds 3]
+    python bench/bench_latency.py [--batches 400] [--rounds 3] [--merge 16]
 
 Feeds the same serialised OTLP requests (bench/payloads.py: 512 spans per request,
-traces of 8 spans, 4 services) through
+traces of 8 spans, 4 services), ``--merge`` of them concatenated into one batch as the
+batch processor does in the pipeline (16 x 512 = its default 8192 spans), through
 
 - ``passthrough``: decode (``TraceBatch.from_bytes``) and hand to a no-op consumer;
 - ``columns``:     decode and extract the shared per-batch columns (``batch.columns``,
                    done once per batch for every reader, DESIGN.md §2);
 - ``latency``:     decode and ``LatencyConnector.consume``. The connector's clock
-                   advances 10 ms per batch (~50k spans/s arriving) and ``tick`` runs
-                   every 100 ms of it, so traces are assembled and analysed
-                   (decision_wait 0.3 s) and windows closed (1 s) as in steady state,
-                   tens of batches per tick; the final flush is included.
+                   advances 10 ms per request (~50k spans/s arriving) and ``tick``
+                   runs every 100 ms of it, so traces are assembled and analysed
+                   (decision_wait 0.3 s) and windows closed (1 s) as in steady state;
+                   the final flush is included. ``trace_sample_rate`` is the
+                   default's unless ``--sample-rate`` says otherwise.
 
 and prints spans/s for each (best of ``--rounds``) and the ratios latency/passthrough
 and latency/columns. Each batch's trace ids are unique, so every trace is analysed
@@ -77,10 +79,14 @@ async def columns(payloads: list[bytes]) -> float:
     return time.perf_counter() - t0
 
 
-async def latency(payloads: list[bytes]) -> tuple[float, float, float]:
+async def latency(payloads: list[bytes], merge: int,
+                  sample_rate: float | None) -> tuple[float, float, float]:
     """Seconds in total, in ``consume`` and in ``tick``/``shutdown`` (trace analysis)."""
     clock = StepClock()
     config = LatencyConfig(window=1.0, decision_wait=0.3, root_timeout=1.0)
+    if sample_rate is not None:
+        config.trace_sample_rate = sample_rate
+    ticks_every = max(1, BATCHES_PER_TICK // merge)
     conn = LatencyConnector(settings_for("latency", Kind.CONNECTOR), config, NullConsumer(),
                             clock=clock)
     in_consume = in_tick = 0.0
@@ -90,8 +96,8 @@ async def latency(payloads: list[bytes]) -> tuple[float, float, float]:
         await conn.consume(TraceBatch.from_bytes(data))
         t2 = time.perf_counter()
         in_consume += t2 - t1
-        clock.t = i * BATCH_INTERVAL
-        if i % BATCHES_PER_TICK == 0:
+        clock.t = i * merge * BATCH_INTERVAL
+        if i % ticks_every == 0:
             await conn.tick()
             in_tick += time.perf_counter() - t2
     t2 = time.perf_counter()
@@ -102,21 +108,28 @@ async def latency(payloads: list[bytes]) -> tuple[float, float, float]:
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", type=int, default=200)
+    ap.add_argument("--batches", type=int, default=400, help="requests of 512 spans")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--merge", type=int, default=16, help="requests per batch")
+    ap.add_argument("--sample-rate", type=float, default=None,
+                    help="trace_sample_rate (default: the connector's default)")
     args = ap.parse_args()
-    payloads = make_payloads(args.batches)
+    requests = make_payloads(args.batches)
+    # Repeated protobuf fields concatenate: joined requests decode as one.
+    payloads = [b"".join(requests[i:i + args.merge])
+                for i in range(0, len(requests), args.merge)]
     spans = args.batches * SPANS_PER_REQUEST
     best = {"passthrough": float("inf"), "columns": float("inf"), "latency": float("inf")}
     split = (0.0, 0.0)
     for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits all
         best["passthrough"] = min(best["passthrough"], await passthrough(payloads))
         best["columns"] = min(best["columns"], await columns(payloads))
-        total, in_consume, in_tick = await latency(payloads)
+        total, in_consume, in_tick = await latency(payloads, args.merge, args.sample_rate)
         if total < best["latency"]:
             best["latency"], split = total, (in_consume, in_tick)
     rate = {k: spans / v for k, v in best.items()}
-    print(f"{spans} spans in {args.batches} batches of {SPANS_PER_REQUEST}, best of {args.rounds}")
+    print(f"{spans} spans in {len(payloads)} batches of {args.merge} x {SPANS_PER_REQUEST}, "
+          f"best of {args.rounds}")
     for k, v in rate.items():
         print(f"  {k:<12} {v:>12,.0f} spans/s")
     print(f"  latency time: consume {split[0]:.3f} s (decode included), "

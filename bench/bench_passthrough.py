@@ -15,6 +15,8 @@ Variants:
   enrich        + the enrich processor
   latency       + the latency connector (traces -> metrics -> prometheus)
   drift         + the drift connector, every span carrying a prediction and 5 features
+  elasticsearch + the elasticsearch exporter (to a counting bulk sink process; prints
+                  bytes per span on the wire, gzip, and before compression)
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ def variant(name: str) -> tuple[str, tuple[str, ...]]:
                                     'exporters = ["prometheus"]')
         if name == "drift":
             args = ("--predictions", "--features", "5")
+    elif name == "elasticsearch":
+        sub["@EXTRA_TABLES@"] = ('[exporters.elasticsearch]\nendpoint = "{ES}"\n'
+                                 "sending_queue.persistent = false")
+        sub["@EXPORTERS@"] = ', "elasticsearch"'
     elif name != "passthrough":
         raise SystemExit(f"unknown variant {name!r}")
     text = TEMPLATE
@@ -92,13 +98,18 @@ def main() -> None:
     results = []
     for n in names:
         cfg, args = variant(n)
-        results.append(run_pipeline(n, cfg, a.duration, loadgen_args=args))
+        results.append(run_pipeline(n, cfg, a.duration, loadgen_args=args,
+                                    es_sink=n == "elasticsearch"))
     dec = decode_rate(make_payloads(16))
     print(f"raw upb decode of the same payloads: {dec:,.0f} spans/s (one core)")
     base = results[0]
     for r in results:
         print(r.line() + f"   exported/decode {r.exported_per_s / dec:.3f}"
               f"   ratio to passthrough {r.exported_per_s / base.exported_per_s:.2f}")
+        if r.es and r.es["spans"]:
+            print(f"{'':<28} elasticsearch: {r.es['spans']:,} documents, "
+                  f"{r.es['wire_bytes'] / r.es['spans']:.0f} bytes/span on the wire (gzip), "
+                  f"{r.es['body_bytes'] / r.es['spans']:.0f} bytes/span of NDJSON")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class Result:
     refused: int
     errors: int
     peak_rss_mib: float
+    es: dict[str, int] | None = None  # the Elasticsearch sink's counts, when one ran
 
     @property
     def accepted_per_s(self) -> float:
@@ -70,7 +71,7 @@ def wait_http(url: str, timeout: float = 30) -> None:
 
 
 def run_pipeline(name: str, pipeline_toml: str, duration: float = 15, concurrency: int = 8,
-                 loadgen_args: tuple[str, ...] = ()) -> Result:
+                 loadgen_args: tuple[str, ...] = (), es_sink: bool = False) -> Result:
     """Run ``pipeline_toml`` (with {SINK}, {GRPC}, {HTTP}, {HEALTH}, {PROM}, {STATE} placeholders)
     under load for ``duration`` seconds; count what the sink received."""
     sink_port, grpc_port, http_port, health = free_port(), free_port(), free_port(), free_port()
@@ -79,6 +80,13 @@ def run_pipeline(name: str, pipeline_toml: str, duration: float = 15, concurrenc
         values = {"{SINK}": f"127.0.0.1:{sink_port}", "{GRPC}": f"127.0.0.1:{grpc_port}",
                   "{HTTP}": f"127.0.0.1:{http_port}", "{HEALTH}": f"127.0.0.1:{health}",
                   "{PROM}": f"127.0.0.1:{free_port()}", "{STATE}": tmp}
+        es = None
+        if es_sink:
+            es_port = free_port()
+            values["{ES}"] = f"http://127.0.0.1:{es_port}"
+            es = subprocess.Popen([sys.executable, str(HERE / "es_sink.py"), "--port",
+                                   str(es_port)], stdout=subprocess.PIPE, text=True)
+            es.stdout.readline()  # type: ignore[union-attr]
         text = pipeline_toml
         for k, v in values.items():
             text = text.replace(k, v)
@@ -115,9 +123,14 @@ def run_pipeline(name: str, pipeline_toml: str, duration: float = 15, concurrenc
             stop.set()
             sink.send_signal(signal.SIGTERM)
             sink_out, _ = sink.communicate(timeout=30)
+            es_stats = None
+            if es is not None:
+                es.send_signal(signal.SIGTERM)
+                es_out, _ = es.communicate(timeout=30)
+                es_stats = json.loads(es_out.strip().splitlines()[-1])
         got = json.loads(sink_out.strip().splitlines()[-1])
     return Result(name, load["acked_spans"], got["spans"], load["seconds"], load["refused"],
-                  load["errors"], peak[0])
+                  load["errors"], peak[0], es_stats)
 
 
 def decode_rate(payloads: list[bytes], seconds: float = 3.0) -> float:

@@ -157,3 +157,17 @@ def test_prometheus_rules_pass_promtool() -> None:
     rules = DATA.parent.parent / "config" / "prometheus-rules.yml"
     r = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_partial_nested_table_keeps_the_components_own_defaults() -> None:
+    """Setting one queue key must not reset the others an exporter chose (ordering, timeouts)."""
+    text = (DATA / "good.toml").read_text().replace(
+        '[exporters."debug/metrics"]',
+        '[exporters."debug/metrics"]\n[exporters.file]\npath = "x.jsonl"\n'
+        'sending_queue.max_items = 10\n[exporters.elasticsearch]\nsending_queue.persistent = false'
+    ).replace('exporters = ["debug", "count"]', 'exporters = ["debug", "count", "file", "elasticsearch"]')
+    cfg = load_config(text, factories(), env={})
+    fq = cfg.component("exporters", "file").config.sending_queue
+    assert fq.max_items == 10 and fq.consumers == 1  # the file exporter's own default
+    eq = cfg.component("exporters", "elasticsearch").config.sending_queue
+    assert eq.persistent is False and eq.timeout == 120.0  # not the generic 10s
