@@ -64,8 +64,10 @@ class InternalReceiver:
         for family in self.telemetry.registry.collect():
             if not family.name.startswith(PROM_PREFIX) or family.type not in ("counter", "gauge"):
                 continue
+            # No unit: the names already say it (``_bytes``, ``_seconds``), and a unit
+            # would make exporters append a suffix (``1`` on a gauge reads ``_ratio``).
             m = sm.metrics.add(name=OTLP_PREFIX + family.name[len(PROM_PREFIX):],
-                               description=family.documentation, unit="1")
+                               description=family.documentation)
             if family.type == "counter":
                 m.sum.is_monotonic = True
                 m.sum.aggregation_temporality = (
