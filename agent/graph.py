@@ -173,7 +173,12 @@ class Graph:
         host.telemetry = telemetry
         self.nodes: dict[str, Node] = {}
         self._inflight: dict[int, float] = {}
-        self._build()
+        try:
+            self._build()
+        except ConfigError:
+            raise
+        except Exception as e:  # a factory's create() failing is a start-up error, not a crash
+            raise StartError(f"cannot build the pipelines: {type(e).__name__}: {e}") from e
         self._order = self._topological_order()
 
     # ------------------------------------------------------------------ building
@@ -358,6 +363,17 @@ class Graph:
                 self.component_failed(node, e)
             node.status = Status.STOPPED
             self.telemetry.component_up.labels(node.path).set(0)
+        # Receivers stop intake at once and let their in-flight requests finish as the
+        # pipelines drain; wait for those answers too, within what is left.
+        for node in self._order:
+            wait_closed = getattr(node.instance, "wait_closed", None)
+            if wait_closed is None:
+                continue
+            left = max(0.001, end - time.monotonic())
+            try:
+                await asyncio.wait_for(wait_closed(), left)
+            except TimeoutError:
+                cancelled.append(node.key)
         return cancelled
 
     def instances(self, kind: Kind | None = None) -> Mapping[str, Any]:

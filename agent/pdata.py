@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -25,6 +24,34 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from agent.component import Signal
 
 ML_PREFIX = "ml."
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def cached(fn: Any) -> Any:
+    """A per-instance cached property without ``functools.cached_property``'s lock.
+
+    On Python 3.11 ``cached_property`` holds one lock per class attribute, shared by
+    every instance: a batch whose columns are extracted in a worker thread would stall
+    ``batch.columns`` of every other batch on the event loop. Extraction is pure, so a
+    rare duplicate computation is harmless. ``Batch.invalidate`` forgets the value.
+    """
+    name = fn.__name__
+
+    def get(self: Any) -> Any:
+        d = self.__dict__
+        try:
+            return d[name]
+        except KeyError:
+            value = d[name] = fn(self)
+            return value
+
+    get.__doc__ = fn.__doc__
+    return property(get)
+
+
+def _times(values: Iterable[int], n: int) -> np.ndarray:
+    """Unix-nanosecond times as int64; fixed64 values beyond int64 are clamped, not fatal."""
+    return np.minimum(np.fromiter(values, dtype=np.uint64, count=n), _INT64_MAX).astype(np.int64)
 GENAI_MODEL = "gen_ai.request.model"
 
 
@@ -176,11 +203,11 @@ class TraceBatch(Batch):
     def item_count(self) -> int:
         return self.item_count_cached
 
-    @cached_property
+    @cached
     def item_count_cached(self) -> int:
         return sum(len(ss.spans) for rs in self.request.resource_spans for ss in rs.scope_spans)
 
-    @cached_property
+    @cached
     def columns(self) -> SpanColumns:
         return SpanColumns.extract(self.request)
 
@@ -196,7 +223,7 @@ class MetricBatch(Batch):
     def item_count(self) -> int:
         return self.item_count_cached
 
-    @cached_property
+    @cached
     def item_count_cached(self) -> int:
         return sum(data_point_count(m) for _, _, m in iter_metrics(self.request))
 
@@ -212,11 +239,11 @@ class LogBatch(Batch):
     def item_count(self) -> int:
         return self.item_count_cached
 
-    @cached_property
+    @cached
     def item_count_cached(self) -> int:
         return sum(len(sl.log_records) for rl in self.request.resource_logs for sl in rl.scope_logs)
 
-    @cached_property
+    @cached
     def columns(self) -> LogColumns:
         return LogColumns.extract(self.request)
 
@@ -286,8 +313,8 @@ class SpanColumns:
     span_id: list[bytes]
     parent_span_id: list[bytes]
     name: list[str]
-    kind: np.ndarray  # int8, SpanKind
-    status_code: np.ndarray  # int8, 0 unset, 1 ok, 2 error
+    kind: np.ndarray  # int32, SpanKind
+    status_code: np.ndarray  # int32, 0 unset, 1 ok, 2 error
     start: np.ndarray  # int64 ns
     end: np.ndarray  # int64 ns
     _spans: list[Any]
@@ -314,10 +341,11 @@ class SpanColumns:
             span_id=[s.span_id for s in spans],
             parent_span_id=[s.parent_span_id for s in spans],
             name=[s.name for s in spans],
-            kind=np.fromiter((s.kind for s in spans), dtype=np.int8, count=n),
-            status_code=np.fromiter((s.status.code for s in spans), dtype=np.int8, count=n),
-            start=np.fromiter((s.start_time_unix_nano for s in spans), dtype=np.int64, count=n),
-            end=np.fromiter((s.end_time_unix_nano for s in spans), dtype=np.int64, count=n),
+            # Enums are int32 on the wire: a sender may put any value there.
+            kind=np.fromiter((s.kind for s in spans), dtype=np.int32, count=n),
+            status_code=np.fromiter((s.status.code for s in spans), dtype=np.int32, count=n),
+            start=_times((s.start_time_unix_nano for s in spans), n),
+            end=_times((s.end_time_unix_nano for s in spans), n),
             _spans=spans,
             _resource_attrs=res_attrs,
         )
@@ -328,7 +356,7 @@ class SpanColumns:
         s = self.services
         return [s[i] for i in self.resource_index.tolist()]
 
-    @cached_property
+    @cached
     def ml(self) -> list[dict[str, Any]]:
         """Per span, its ``ml.*`` attributes merged over its resource's (span wins)."""
         res_ml = [ml_attributes(a) for a in self._resource_attrs]
@@ -357,7 +385,7 @@ class LogColumns:
     trace_id: list[bytes]
     span_id: list[bytes]
     time: np.ndarray  # int64 ns (observed time when time is unset)
-    severity: np.ndarray  # int8
+    severity: np.ndarray  # int32
     _records: list[Any]
     _resource_attrs: list[Any]
 
@@ -380,10 +408,8 @@ class LogColumns:
             services=services,
             trace_id=[r.trace_id for r in recs],
             span_id=[r.span_id for r in recs],
-            time=np.fromiter(
-                (r.time_unix_nano or r.observed_time_unix_nano for r in recs), dtype=np.int64, count=n
-            ),
-            severity=np.fromiter((r.severity_number for r in recs), dtype=np.int8, count=n),
+            time=_times((r.time_unix_nano or r.observed_time_unix_nano for r in recs), n),
+            severity=np.fromiter((r.severity_number for r in recs), dtype=np.int32, count=n),
             _records=recs,
             _resource_attrs=res_attrs,
         )
@@ -393,7 +419,7 @@ class LogColumns:
         s = self.services
         return [s[i] for i in self.resource_index.tolist()]
 
-    @cached_property
+    @cached
     def ml(self) -> list[dict[str, Any]]:
         res_ml = [ml_attributes(a) for a in self._resource_attrs]
         out = []

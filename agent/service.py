@@ -167,6 +167,9 @@ class Agent:
         self._health: web.AppRunner | None = None
         self._lock: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Held while a reload swaps the graph, so a SIGTERM meanwhile waits for the
+        # swap instead of cancelling a drain halfway.
+        self._swap = asyncio.Lock()
         self.reloads = 0
 
     # ---------------------------------------------------------------- running
@@ -201,9 +204,10 @@ class Agent:
         # kill the drain halfway; SIGKILL remains the way to stop without draining.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: log(logging.INFO, "already stopping"))
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        async with self._swap:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         cancelled = await self._stop_all()
         log(logging.INFO, "stopped", cancelled=cancelled)
         return 0
@@ -242,7 +246,11 @@ class Agent:
         while True:
             await self._reload_requested.wait()
             self._reload_requested.clear()
-            await self.reload()
+            async with self._swap:
+                try:
+                    await self.reload()
+                except Exception as e:  # the loop must serve the next SIGHUP whatever happened
+                    log(logging.ERROR, "reload failed unexpectedly", error=repr(e))
 
     async def reload(self) -> bool:
         """Re-read the config file and swap the graph. Returns whether the new config runs."""
@@ -267,13 +275,13 @@ class Agent:
         try:
             await self._start_graph(new)
             self.config = new
-        except (StartError, ConfigError) as e:
+        except Exception as e:
             ok = False
             log(logging.ERROR, "reload failed to start the new config; restoring the previous one",
                 error=str(e))
             try:
                 await self._start_graph(old)
-            except (StartError, ConfigError) as e2:
+            except Exception as e2:
                 log(logging.ERROR, "could not restore the previous config", error=str(e2))
         self.reloads += 1
         if ok:

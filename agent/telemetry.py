@@ -86,6 +86,8 @@ class Telemetry:
     """The agent-wide registry of self-metrics. One per running agent."""
 
     def __init__(self) -> None:
+        # The counters live as long as this object (across reloads): their start time.
+        self.started_ns = time.time_ns()
         self.registry = CollectorRegistry(auto_describe=True)
         self.limiter = RateLimiter()
         r = self.registry

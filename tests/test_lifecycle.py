@@ -239,6 +239,25 @@ def test_sighup_with_changed_pipeline_takes_effect(tmp_path, ports, start_agent)
     assert agent.stop() == 0
 
 
+def test_sighup_whose_new_config_cannot_start_restores_the_old_one(tmp_path, ports, start_agent) -> None:
+    """A config that validates but cannot start (its port is taken) is rolled back."""
+    grpc, http, health = ports
+    agent = start_agent(config(tmp_path, grpc, http, health))
+    agent.wait_ready(f"127.0.0.1:{health}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        agent.config_path.write_text(config(tmp_path, grpc, busy, health, out="new.jsonl"))
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: any("restoring the previous one" in r["msg"] for r in agent.log_records()),
+                 what="rollback")
+    agent.wait_ready(f"127.0.0.1:{health}")
+    assert post_span(http) == 200
+    wait_for(lambda: span_ids_in(tmp_path / "out.jsonl") == ["eee19b7ec3c1b174"], what="old pipeline")
+    assert agent.stop() == 0
+
+
 def test_unusable_state_dir_refuses_to_start(tmp_path, ports, start_agent) -> None:
     grpc, http, health = ports
     blocker = tmp_path / "not-a-dir"

@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
@@ -33,14 +34,13 @@ class InternalConfig:
 
 
 class InternalReceiver:
-    """Emits the agent's self-metrics every ``interval`` and once at shutdown."""
+    """Emits the agent's self-metrics every ``interval``."""
 
     def __init__(self, settings: Settings, config: InternalConfig, next: Consumer) -> None:
         self.settings = settings
         self.cfg = config
         self.next = next
-        self.telemetry = None
-        self.start_ns = time.time_ns()
+        self.telemetry: Any = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, host: Host) -> None:
@@ -80,7 +80,8 @@ class InternalReceiver:
             for s in samples:
                 dp = points.add(time_unix_nano=now, as_double=float(s.value))
                 if family.type == "counter":
-                    dp.start_time_unix_nano = self.start_ns
+                    # The registry outlives reloads; so does its counters' start.
+                    dp.start_time_unix_nano = self.telemetry.started_ns
                 for k, v in sorted(s.labels.items()):
                     dp.attributes.add(key=k).value.string_value = v
         return out
