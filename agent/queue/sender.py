@@ -27,6 +27,8 @@ from agent.queue.store import SqliteStore
 
 # The wait suggested to a refused sender when our own queue is full or failing.
 REFUSAL_RETRY_AFTER = 1.0
+# The longest wait a peer's Retry-After / RetryInfo can impose on one attempt.
+MAX_HINT_S = 300.0
 
 __all__ = ["QueueConfig", "QueuedSender", "RetryConfig"]
 
@@ -411,6 +413,9 @@ class QueuedSender:
                 hint = e.retry_after if isinstance(e, RetryableError) else None
                 delay = max(0.0, hint) if hint is not None else interval * (
                     1 + rc.randomization_factor * (2 * random.random() - 1))
+                # A peer's hint is honoured up to a bound: "Retry-After: 86400" must not
+                # park a worker (with retry-forever defaults, for good).
+                delay = min(delay, max(rc.max_interval, MAX_HINT_S))
                 if limit > 0:  # a last attempt at the limit, never a drop before it
                     delay = min(delay, limit - elapsed)
                 self.tel.retried(signal)

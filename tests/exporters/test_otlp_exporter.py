@@ -21,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from agent.component import Kind, Signal
 from agent.config import decode_dataclass
 from agent.exporters.otlp import OTLPExporterConfig, TLSConfig, factory
-from agent.exporters.otlp.transport import parse_retry_after
+from agent.httputil import parse_retry_after
 from agent.otlpjson import decode_json, encode_json
 from agent.pdata import BATCH_TYPES, Batch
 from agent.queue import QueueConfig, RetryConfig

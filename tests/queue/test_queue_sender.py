@@ -57,6 +57,25 @@ async def test_retryable_failures_are_retried_until_delivered_and_honour_retry_a
     assert c["mlagent_agent_send_failed_items_total{reason=retryable_error,signal=traces}"] == 3
 
 
+async def test_a_huge_retry_after_is_capped(tmp_path, monkeypatch):
+    """A peer asking for a day's pause does not park the worker for a day."""
+    backend = Backend()
+    backend.errors = [RetryableError("busy", retry_after=86_400)]
+    sender, _ = make_sender(backend, retry=RetryConfig(max_interval=1, max_elapsed_time=0),
+                            queue=QueueConfig(consumers=1))
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+
+    monkeypatch.setattr(sender, "_backoff", record)
+    await sender.start(make_host(tmp_path))
+    await sender.put(batch("a"))
+    await backend.wait_for(1)
+    await sender.shutdown()
+    assert waits and max(waits) <= 300
+
+
 async def test_intermittent_failures_lose_nothing(tmp_path):
     backend = Backend()
     backend.errors = [RetryableError("flaky"), ConnectionResetError("reset"),

@@ -45,7 +45,7 @@ from agent.exporters.elasticsearch.config import ElasticsearchConfig
 from agent.exporters.elasticsearch.deadletter import DeadLetterFile
 from agent.exporters.elasticsearch.ecs import Document, Routing, log_documents, span_documents
 from agent.exporters.elasticsearch.templates import index_template, template_name
-from agent.exporters.otlp.transport import parse_retry_after, read_bounded
+from agent.httputil import parse_retry_after, read_bounded
 from agent.pdata import Batch, LogBatch, TraceBatch
 from agent.queue import QueuedSender
 

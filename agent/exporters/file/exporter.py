@@ -76,7 +76,15 @@ class FileExporter:
             if f is None:
                 rot = self.cfg.rotation
                 f = self._files[path] = RotatingFile(path, rot.max_size, rot.max_backups)
-            await asyncio.to_thread(f.write, record)
+            # A cancelled attempt (the queue's per-attempt timeout) cannot stop the thread:
+            # keep the lock until the write really ended, so a retry or a close never
+            # touches the file at the same time (torn or interleaved records).
+            write = asyncio.ensure_future(asyncio.to_thread(f.write, record))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await asyncio.wait([write])
+                raise
 
     async def shutdown(self) -> None:
         """Drain the queue, then flush and fsync every open file. Idempotent."""

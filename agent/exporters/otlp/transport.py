@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import gzip
 import json
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from agent.component import PermanentError, RetryableError, Signal
 from agent.exporters.otlp.config import OTLPExporterConfig
+from agent.httputil import parse_retry_after, read_bounded
 from agent.otlpjson import encode_json
 from agent.pdata import Batch
 
@@ -60,7 +59,6 @@ RETRYABLE_GRPC_CODES = frozenset({
 RETRYABLE_HTTP_STATUSES = frozenset({429, 502, 503, 504})
 # A response body is only read for partial_success or an error message; a peer that
 # sends more than this is not a well-behaved OTLP server and the rest is ignored.
-MAX_RESPONSE_BYTES = 1 << 20
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
@@ -149,22 +147,6 @@ class GrpcTransport:
 # --------------------------------------------------------------------------- HTTP
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date (RFC 9110)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:  # an HTTP date is always GMT
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
 def status_message(body: bytes, content_type: str) -> str:
     """The message of a ``google.rpc.Status`` error body, or the start of the body."""
     if "json" in content_type:
@@ -196,16 +178,6 @@ def decode_response(signal: Signal, body: bytes, content_type: str) -> Message:
         with contextlib.suppress(DecodeError):
             response.ParseFromString(body)
     return response
-
-
-async def read_bounded(resp: aiohttp.ClientResponse, limit: int = MAX_RESPONSE_BYTES) -> bytes:
-    """At most ``limit`` bytes of the response body."""
-    out = bytearray()
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        out += chunk
-        if len(out) >= limit:
-            break
-    return bytes(out[:limit])
 
 
 class HttpTransport:

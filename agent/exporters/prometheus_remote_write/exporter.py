@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.utils
 import importlib.metadata
 import math
-import time
 import zlib
 from typing import Any
 
@@ -39,6 +37,7 @@ from agent.exporters.prometheus_remote_write.remote_pb2 import (
     TimeSeries,
     WriteRequest,
 )
+from agent.httputil import parse_retry_after
 from agent.pdata import Batch, MetricBatch
 from agent.promnames import (
     COUNTER,
@@ -261,7 +260,8 @@ class RemoteWriteExporter:
                 text = (await r.text(errors="replace"))[:_ERROR_BODY_CHARS].strip()
                 msg = f"HTTP {r.status}: {text}"
                 if r.status == 429 or r.status >= 500:
-                    raise RetryableError(msg, retry_after=_retry_after(r.headers))
+                    hint = parse_retry_after(r.headers.get("Retry-After"))
+                    raise RetryableError(msg, retry_after=hint)
                 raise PermanentError(msg)
         except aiohttp.ClientError as e:
             raise RetryableError(f"{type(e).__name__}: {e}") from e
@@ -314,17 +314,3 @@ def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> Non
     cache[key] = value
 
 
-def _retry_after(headers: Any) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date), None when absent or bad."""
-    value = headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())

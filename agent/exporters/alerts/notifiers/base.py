@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ import aiohttp
 from agent.component import PermanentError, RetryableError, Status
 from agent.exporters.alerts.config import NotifierConfig
 from agent.exporters.alerts.evaluator import Update
+from agent.httputil import parse_retry_after
 from agent.telemetry import ComponentTelemetry
 
 SIGNAL = "alerts"  # the telemetry signal label of notification items
@@ -100,20 +100,6 @@ class NotifyContext:
 def rfc3339(t: float) -> str:
     """Unix seconds as an RFC 3339 UTC timestamp with milliseconds."""
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
 
 
 async def post_json(ctx: NotifyContext, url: str, payload: Any, timeout: float,
