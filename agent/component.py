@@ -168,3 +168,25 @@ class Factory(Protocol):
     output_signals: ClassVar[frozenset[Signal]] = frozenset()
 
     def create(self, settings: Settings, config: Any, next: Mapping[Signal, Consumer]) -> Any: ...
+
+
+async def emit(next: Consumer, batch: Batch, telemetry: ComponentTelemetry) -> bool:
+    """Hand a batch a component produced itself (a connector's metrics, a receiver's
+    samples) to its next consumer. Returns whether it was taken.
+
+    Nobody upstream can retry such a batch, so a refusal is a drop, counted with the
+    reason ``downstream_refused`` (retryable), ``downstream_rejected`` (permanent) or
+    ``downstream_error``; the next emission carries fresh values. Never raises.
+    """
+    try:
+        await next.consume(batch)
+    except RetryableError as e:
+        telemetry.dropped(batch.signal, batch.item_count, "downstream_refused", e)
+        return False
+    except PermanentError as e:
+        telemetry.dropped(batch.signal, batch.item_count, "downstream_rejected", e)
+        return False
+    except Exception as e:  # outside a graph nothing converts bugs; a timer must survive
+        telemetry.dropped(batch.signal, batch.item_count, "downstream_error", repr(e))
+        return False
+    return True

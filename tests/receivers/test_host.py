@@ -248,7 +248,7 @@ async def test_downstream_errors_are_counted_and_sampling_continues(tmp_path):
     snap = telemetry.snapshot("host")
     dropped = {k: v for k, v in snap.items() if k.startswith("mlagent_agent_dropped_items_total")}
     reasons = {k.split("reason=")[1].split(",")[0].rstrip("}") for k in dropped}
-    assert reasons == {"downstream unavailable", "rejected downstream", "downstream error"}
+    assert reasons == {"downstream_refused", "downstream_rejected", "downstream_error"}
     assert len(sink.batches) == 1
 
 

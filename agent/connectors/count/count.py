@@ -21,10 +21,9 @@ from agent.component import (
     Consumer,
     Host,
     Kind,
-    PermanentError,
-    RetryableError,
     Settings,
     Signal,
+    emit,
 )
 from agent.connectors.count.config import CountConfig
 from agent.pdata import Batch, MetricBatch, data_points, service_name
@@ -90,12 +89,8 @@ class CountConnector:
     async def emit(self) -> None:
         """Send the counts downstream; a refusal is counted, the counts stay cumulative."""
         batch = self.build()
-        if batch is None:
-            return
-        try:
-            await self.next.consume(batch)
-        except (PermanentError, RetryableError) as e:
-            self.settings.telemetry.dropped(Signal.METRICS, batch.item_count, "downstream_refused", e)
+        if batch is not None:
+            await emit(self.next, batch, self.settings.telemetry)
 
     async def shutdown(self) -> None:
         if self._task is not None:

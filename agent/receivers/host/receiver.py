@@ -27,10 +27,9 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality, M
 from agent.component import (
     Consumer,
     Host,
-    PermanentError,
-    RetryableError,
     Settings,
     Signal,
+    emit,
 )
 from agent.hardware import GpuReading, HardwareSnapshot, HostReading, host_identity
 from agent.pdata import MetricBatch, python_to_anyvalue
@@ -178,15 +177,8 @@ class HostReceiver:
             self.snapshot.publish(reading)
         n = batch.item_count
         self.telemetry.accepted(Signal.METRICS, n)
-        try:
-            await self.next.consume(batch)
-        except PermanentError as e:
-            self.telemetry.dropped(Signal.METRICS, n, "rejected downstream", e)
-        except RetryableError as e:
-            # No retry: the next tick carries fresher values of the same series.
-            self.telemetry.dropped(Signal.METRICS, n, "downstream unavailable", e)
-        except Exception as e:
-            self.telemetry.dropped(Signal.METRICS, n, "downstream error", repr(e))
+        # No retry on refusal: the next tick carries fresher values of the same series.
+        await emit(self.next, batch, self.telemetry)
         return batch
 
     # ------------------------------------------------------------------ sampling (thread)

@@ -17,7 +17,7 @@ from typing import Any
 
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
-from agent.component import Consumer, Host, Kind, PipelineError, Settings, Signal
+from agent.component import Consumer, Host, Kind, Settings, Signal, emit
 from agent.config import Duration
 from agent.pdata import MetricBatch
 
@@ -88,12 +88,8 @@ class InternalReceiver:
 
     async def emit(self) -> None:
         batch = self.build()
-        if not batch.item_count:
-            return
-        try:
-            await self.next.consume(batch)
-        except PipelineError as e:
-            self.settings.telemetry.dropped(Signal.METRICS, batch.item_count, "downstream_refused", e)
+        if batch.item_count:
+            await emit(self.next, batch, self.settings.telemetry)
 
     async def shutdown(self) -> None:
         if self._task is not None:
