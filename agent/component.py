@@ -24,7 +24,7 @@ import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from agent.pdata import Batch
@@ -155,19 +155,44 @@ class Factory(Protocol):
     empty for exporters, one signal for processors, the receiver's or connector's
     output signals otherwise. Receivers and exporters used in several pipelines are
     one instance; an exporter or connector's ``consume`` sees batches of every
-    signal it was wired for and dispatches on ``batch.signal``.
+    signal it was wired for and dispatches on ``batch.signal``. ``create`` does no
+    I/O: that belongs to ``start``.
+
+    ``signals`` are the signals accepted (exporters, processors, connectors) or
+    emitted (receivers); a connector emits ``output_signals``.
     """
 
-    type: ClassVar[str]
-    kind: ClassVar[Kind]
-    config_class: ClassVar[builtins.type]
-    # Signals accepted (exporters, processors, connectors) and emitted (receivers,
-    # processors, connectors). For a connector, ``signals`` are its inputs and
-    # ``output_signals`` what it emits.
-    signals: ClassVar[frozenset[Signal]]
-    output_signals: ClassVar[frozenset[Signal]] = frozenset()
+    @property
+    def type(self) -> str: ...
+    @property
+    def kind(self) -> Kind: ...
+    @property
+    def config_class(self) -> builtins.type: ...
+    @property
+    def signals(self) -> frozenset[Signal]: ...
+    @property
+    def output_signals(self) -> frozenset[Signal]: ...
 
     def create(self, settings: Settings, config: Any, next: Mapping[Signal, Consumer]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ComponentFactory:
+    """The ``Factory`` of a component whose constructor is all ``create`` needs.
+
+    ``make(settings, config, next)`` builds the component; most folders register
+    ``factory = ComponentFactory("type", Kind..., Config, signals, make)``.
+    """
+
+    type: str
+    kind: Kind
+    config_class: builtins.type
+    signals: frozenset[Signal]
+    make: Callable[[Settings, Any, Mapping[Signal, Consumer]], Any]
+    output_signals: frozenset[Signal] = frozenset()
+
+    def create(self, settings: Settings, config: Any, next: Mapping[Signal, Consumer]) -> Any:
+        return self.make(settings, config, next)
 
 
 async def emit(next: Consumer, batch: Batch, telemetry: ComponentTelemetry) -> bool:

@@ -1,7 +1,5 @@
 """The ``count`` connector."""
 
-from agent.connectors.count.count import CountConnector, CountFactory
-
-factory = CountFactory()
+from agent.connectors.count.count import CountConnector, factory
 
 __all__ = ["CountConnector", "factory"]

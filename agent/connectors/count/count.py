@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
 from agent.component import (
     Capabilities,
+    ComponentFactory,
     Consumer,
     Host,
     Kind,
@@ -108,13 +108,7 @@ def _items(signal: Signal, res: Any) -> int:
     return sum(len(data_points(m)) for sm in res.scope_metrics for m in sm.metrics)
 
 
-class CountFactory:
-    type = "count"
-    kind = Kind.CONNECTOR
-    config_class = CountConfig
-    signals = frozenset(Signal)
-    output_signals = frozenset({Signal.METRICS})
-
-    def create(self, settings: Settings, config: CountConfig,
-               next: Mapping[Signal, Consumer]) -> CountConnector:
-        return CountConnector(settings, config, next[Signal.METRICS])
+factory = ComponentFactory("count", Kind.CONNECTOR, CountConfig, frozenset(Signal),
+                           lambda settings, config, next: CountConnector(
+                               settings, config, next[Signal.METRICS]),
+                           output_signals=frozenset({Signal.METRICS}))

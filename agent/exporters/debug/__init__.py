@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from agent.component import Capabilities, Consumer, Host, Kind, Settings, Signal
+from agent.component import Capabilities, ComponentFactory, Host, Kind, Settings, Signal
 from agent.pdata import Batch, service_name
 
 
@@ -41,16 +40,5 @@ class DebugExporter:
         pass
 
 
-class DebugFactory:
-    type = "debug"
-    kind = Kind.EXPORTER
-    config_class = DebugConfig
-    signals = frozenset(Signal)
-    output_signals: frozenset[Signal] = frozenset()
-
-    def create(self, settings: Settings, config: DebugConfig,
-               next: Mapping[Signal, Consumer]) -> DebugExporter:
-        return DebugExporter(settings, config)
-
-
-factory = DebugFactory()
+factory = ComponentFactory("debug", Kind.EXPORTER, DebugConfig, frozenset(Signal),
+                           lambda settings, config, _next: DebugExporter(settings, config))

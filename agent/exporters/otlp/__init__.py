@@ -1,28 +1,10 @@
 """The ``otlp`` exporter: OTLP over gRPC, HTTP/protobuf or HTTP/JSON, all three signals."""
 
-from __future__ import annotations
-
-from collections.abc import Mapping
-
-from agent.component import Consumer, Kind, Settings, Signal
+from agent.component import ComponentFactory, Kind, Signal
 from agent.exporters.otlp.config import OTLPExporterConfig, TLSConfig
 from agent.exporters.otlp.exporter import OTLPExporter
 
-
-class OTLPExporterFactory:
-    """Creates ``otlp`` exporters; accepts all three signals."""
-
-    type = "otlp"
-    kind = Kind.EXPORTER
-    config_class = OTLPExporterConfig
-    signals = frozenset(Signal)
-    output_signals: frozenset[Signal] = frozenset()
-
-    def create(self, settings: Settings, config: OTLPExporterConfig,
-               next: Mapping[Signal, Consumer]) -> OTLPExporter:
-        return OTLPExporter(settings, config)
-
-
-factory = OTLPExporterFactory()
+factory = ComponentFactory("otlp", Kind.EXPORTER, OTLPExporterConfig, frozenset(Signal),
+                           lambda settings, config, _next: OTLPExporter(settings, config))
 
 __all__ = ["OTLPExporter", "OTLPExporterConfig", "TLSConfig", "factory"]

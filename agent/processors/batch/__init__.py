@@ -1,7 +1,5 @@
 """The ``batch`` processor."""
 
-from agent.processors.batch.batch import BatchFactory, BatchProcessor
-
-factory = BatchFactory()
+from agent.processors.batch.batch import BatchProcessor, factory
 
 __all__ = ["BatchProcessor", "factory"]

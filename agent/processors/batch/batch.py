@@ -17,10 +17,17 @@ idle; ``send_batch_size`` and ``timeout`` bound a batch's size and wait.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Any
 
-from agent.component import Capabilities, Consumer, Host, Kind, RetryableError, Settings, Signal
+from agent.component import (
+    Capabilities,
+    ComponentFactory,
+    Consumer,
+    Host,
+    Kind,
+    RetryableError,
+    Settings,
+    Signal,
+)
 from agent.pdata import Batch
 from agent.processors.batch.config import BatchConfig
 
@@ -111,17 +118,8 @@ class BatchProcessor:
             await asyncio.gather(*list(self._flushing), return_exceptions=True)
 
 
-class BatchFactory:
-    type = "batch"
-    kind = Kind.PROCESSOR
-    config_class = BatchConfig
-    signals = frozenset(Signal)
-    output_signals = frozenset(Signal)
-
-    def default_config(self) -> BatchConfig:
-        return BatchConfig()
-
-    def create(self, settings: Settings, config: BatchConfig,
-               next: Mapping[Signal, Consumer]) -> Any:
-        (consumer,) = next.values()
-        return BatchProcessor(settings, config, consumer)
+# One instance per pipeline.
+factory = ComponentFactory("batch", Kind.PROCESSOR, BatchConfig, frozenset(Signal),
+                           lambda settings, config, next: BatchProcessor(settings, config,
+                                                                         *next.values()),
+                           output_signals=frozenset(Signal))

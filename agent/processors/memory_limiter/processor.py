@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Mapping
 
 import psutil
 
 from agent.component import (
     Capabilities,
+    ComponentFactory,
     Consumer,
     Host,
     Kind,
@@ -107,16 +107,8 @@ class MemoryLimiter:
             self._rss_refusal = None
 
 
-class MemoryLimiterFactory:
-    """Creates a ``memory_limiter`` for one pipeline."""
-
-    type = "memory_limiter"
-    kind = Kind.PROCESSOR
-    config_class = MemoryLimiterConfig
-    signals = frozenset(Signal)
-    output_signals = frozenset(Signal)
-
-    def create(self, settings: Settings, config: MemoryLimiterConfig,
-               next: Mapping[Signal, Consumer]) -> MemoryLimiter:
-        (consumer,) = next.values()
-        return MemoryLimiter(settings, config, consumer)
+# One instance per pipeline; all share the agent's memory accountant.
+factory = ComponentFactory("memory_limiter", Kind.PROCESSOR, MemoryLimiterConfig, frozenset(Signal),
+                           lambda settings, config, next: MemoryLimiter(settings, config,
+                                                                        *next.values()),
+                           output_signals=frozenset(Signal))

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
-from agent.component import Consumer, Host, Kind, Settings, Signal, emit
+from agent.component import ComponentFactory, Consumer, Host, Kind, Settings, Signal, emit
 from agent.config import Duration
 from agent.pdata import MetricBatch
 
@@ -98,16 +97,6 @@ class InternalReceiver:
             self._task = None
 
 
-class InternalFactory:
-    type = "internal"
-    kind = Kind.RECEIVER
-    config_class = InternalConfig
-    signals = frozenset({Signal.METRICS})
-    output_signals = frozenset({Signal.METRICS})
-
-    def create(self, settings: Settings, config: InternalConfig,
-               next: Mapping[Signal, Consumer]) -> InternalReceiver:
-        return InternalReceiver(settings, config, next[Signal.METRICS])
-
-
-factory = InternalFactory()
+factory = ComponentFactory("internal", Kind.RECEIVER, InternalConfig, frozenset({Signal.METRICS}),
+                           lambda settings, config, next: InternalReceiver(
+                               settings, config, next[Signal.METRICS]))
