@@ -28,6 +28,7 @@ http.endpoint = "127.0.0.1:{http}"
 window = "200ms"
 decision_wait = "100ms"
 root_timeout = "1s"
+trace_sample_rate = 1.0
 [exporters.prometheus]
 endpoint = "127.0.0.1:{metrics}"
 [service]

@@ -54,17 +54,26 @@ class TraceBuffer:
         # the buffer holds traces) so their late spans are recognised.
         self._done: dict[int, None] = {}
 
-    def add(self, spans: Spans, now: float) -> AddResult:
-        """Buffer ``spans`` (any traces, any order), then evict down to the limits."""
+    def add(self, spans: Spans, arrived: np.ndarray) -> AddResult:
+        """Buffer ``spans`` (any traces, any order) that arrived at ``arrived`` (per
+        span, clock seconds), then evict down to the limits."""
         out = AddResult()
         keys = spans.key
         uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
         has_root = np.bincount(inverse, weights=spans.pid == 0, minlength=len(uniq)) > 0
+        first = np.full(len(uniq), np.inf)
+        last = np.full(len(uniq), -np.inf)
+        np.minimum.at(first, inverse, arrived)
+        np.maximum.at(last, inverse, arrived)
         keep = np.ones(len(uniq), dtype=bool)
         traces, done = self.traces, self._done
         added = 0
-        for j, (k, c, root) in enumerate(zip(uniq.tolist(), counts.tolist(), has_root.tolist(),
-                                             strict=True)):
+        # New traces enter the buffer (and later leave it) in order of first arrival.
+        order = np.argsort(first, kind="stable")
+        for j, k, c, root, t0, t1 in zip(
+                order.tolist(), uniq[order].tolist(), counts[order].tolist(),
+                has_root[order].tolist(), first[order].tolist(), last[order].tolist(),
+                strict=True):
             if k == 0:
                 out.count("invalid_trace_id", c)
                 keep[j] = False
@@ -75,8 +84,8 @@ class TraceBuffer:
                     out.count("late_span", c)
                     keep[j] = False
                     continue
-                t = traces[k] = [now, now, False, 0]
-            t[_LAST] = now
+                t = traces[k] = [t0, t1, False, 0]
+            t[_LAST] = max(t[_LAST], t1)
             t[_ROOT] = t[_ROOT] or root
             t[_COUNT] += c
             added += c

@@ -3,13 +3,15 @@
 Consumes traces, emits metrics (see README.md for every metric, unit and attribute).
 Two paths, following DESIGN.md §2:
 
-- **per batch** (``consume``): RED metrics — calls, errors and a duration histogram
-  per (service, span name, span kind, status) — from the batch's columns with a
-  handful of vectorised numpy calls; then each span's few fields are copied into the
-  trace buffer.
+- **per batch** (``consume``, processed in bulk every ``flush_spans`` spans and at
+  each tick): RED metrics — calls, errors and a duration histogram per (service,
+  span name, span kind, status) — from the batches' columns with a handful of
+  vectorised numpy calls; then the spans of the traces in the ``trace_sample_rate``
+  sample (a hash of the trace id) have their few fields copied into the trace buffer.
 - **per assembled trace** (``tick``, from the connector's own timer task): self time,
   critical path, stage time and service-graph edges (``analysis.analyze``), added to
-  their series in one vectorised update per tick.
+  their series in one vectorised update per tick; sums over traces are scaled by
+  ``1 / trace_sample_rate``.
 
 Cumulative counters and histograms keep counting for the life of the connector;
 every ``window`` (tumbling) the connector emits all of them plus the window's
@@ -25,6 +27,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import chain, compress
 from typing import Any, cast
 
 import numpy as np
@@ -50,8 +54,20 @@ from agent.connectors.latency.emit import (
     sum_metric,
 )
 from agent.connectors.latency.normalize import Names
-from agent.connectors.latency.series import OVERFLOW_ATTRIBUTES, Histograms, Series, Sums
-from agent.connectors.latency.spans import INVALID_PARENT, MIX, Spans, id_words
+from agent.connectors.latency.series import (
+    OVERFLOW_ATTRIBUTES,
+    Grouped,
+    Histograms,
+    Series,
+    Sums,
+)
+from agent.connectors.latency.spans import (
+    INVALID_PARENT,
+    Spans,
+    id_words,
+    sample_mask,
+    trace_keys,
+)
 from agent.pdata import MetricBatch, TraceBatch, python_to_anyvalue
 
 KIND_NAMES = [Span.SpanKind.Name(k) for k in range(6)]  # SPAN_KIND_UNSPECIFIED .. CONSUMER
@@ -83,6 +99,8 @@ class _Window:
         self.stage_time = Sums()
         self.stage_total = Sums()
         self.services = Series(("service.name",), max_series)
+        # (service, raw span name, kind, status) -> row in ops (see LatencyConnector._rows)
+        self.rows: dict[tuple[str, str, int, int], int] = {}
         self.critical_time = Sums()
         self.critical_total = Sums()
 
@@ -90,6 +108,54 @@ class _Window:
         """The window's series tables by the metric they feed (for overflow counting)."""
         return {"mlagent.latency.quantile": self.ops, "mlagent.latency.stage.quantile": self.stages,
                 "mlagent.latency.critical_path.share": self.services}
+
+
+@dataclass
+class _Columns:
+    """The per-span columns of consumed batches that the connector reads: the lists
+    and arrays of their ``SpanColumns`` (never the batches), and when each span
+    arrived (connector clock). ``services`` is per resource, ``resource_index`` per span."""
+
+    n: int
+    name: list[str]
+    services: list[str]
+    resource_index: np.ndarray
+    kind: np.ndarray
+    status_code: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    trace_id: list[bytes]
+    span_id: list[bytes]
+    parent_span_id: list[bytes]
+    arrived: np.ndarray
+
+    @classmethod
+    def of(cls, cols: Any, arrived: float) -> _Columns:
+        """The columns the connector reads of one batch's ``SpanColumns``."""
+        return cls(cols.n, cols.name, cols.services, cols.resource_index, cols.kind,
+                   cols.status_code, cols.start, cols.end, cols.trace_id, cols.span_id,
+                   cols.parent_span_id, np.full(cols.n, arrived))
+
+    @classmethod
+    def concatenate(cls, parts: list[_Columns]) -> _Columns:
+        """The parts as one set of columns, span order kept."""
+        if len(parts) == 1:
+            return parts[0]
+        services: list[str] = []
+        resource = []
+        for p in parts:  # resources renumbered after the earlier parts'
+            resource.append(p.resource_index.astype(np.int64) + len(services))
+            services.extend(p.services)
+
+        def cat(name: str) -> Any:
+            columns = [getattr(p, name) for p in parts]
+            if isinstance(columns[0], list):
+                return list(chain.from_iterable(columns))
+            return np.concatenate(columns)
+
+        return cls(sum(p.n for p in parts), cat("name"), services, np.concatenate(resource),
+                   cat("kind"), cat("status_code"), cat("start"), cat("end"), cat("trace_id"),
+                   cat("span_id"), cat("parent_span_id"), cat("arrived"))
 
 
 class LatencyConnector:
@@ -126,7 +192,12 @@ class LatencyConnector:
         self._edges = Series(("client", "server", "connection_type"), ms)
         self._requests, self._failures = Sums(), Sums()
         self._client_duration, self._server_duration = Histograms(b), Histograms(b)
+        # (service, raw span name, kind, status) -> rows (RED, self time, critical
+        # path, stage) of the batch groups seen before: one dict lookup per group.
+        self._rows: dict[tuple[str, str, int, int], tuple[int, int, int, int]] = {}
         self._window = _Window(b, ms, clock(), wall_clock_ns())
+        self._pending: list[_Columns] = []  # consumed, not yet processed (see consume)
+        self._pending_spans = 0
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._anomalies = self._tel.counter(
@@ -138,6 +209,11 @@ class LatencyConnector:
             "mlagent_agent_latency_traces",
             "Traces analysed: complete (root arrived) or rootless (analysed at root_timeout).",
             ("outcome",))
+        self._sampling = self._tel.counter(
+            "mlagent_agent_latency_sampled_spans",
+            "Spans by trace sampling decision: analysed (their trace is in the "
+            "trace_sample_rate sample) or skipped (RED metrics only).",
+            ("decision",))
         self._overflow = self._tel.counter(
             "mlagent_agent_latency_series_overflow",
             "Measurements aggregated into a metric's overflow series (max_series reached).",
@@ -164,6 +240,7 @@ class LatencyConnector:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._flush()
         self._analyse(self._buffer.drain())
         await self._close_window(self._clock())
 
@@ -187,6 +264,7 @@ class LatencyConnector:
 
         The timer task calls this; tests call it directly after moving the clock.
         """
+        self._flush()
         now = self._clock()
         self._analyse(self._buffer.due(now))
         if now - self._window.start >= self._cfg.window:
@@ -195,10 +273,14 @@ class LatencyConnector:
     # ----------------------------------------------------------------- per batch
 
     async def consume(self, batch: TraceBatch) -> None:  # type: ignore[override]
-        """Count the batch's spans into the RED metrics and buffer them for assembly.
+        """Take the batch's spans for the RED metrics and trace assembly.
 
-        Reads the batch's shared columns only; keeps copies of the few fields trace
-        analysis needs, never the batch.
+        Reads the batch's shared columns only and keeps references to the per-span
+        columns it needs, never the batch. They are processed together once
+        ``flush_spans`` spans are pending, and at every timer tick, window and
+        shutdown: numpy's fixed cost per call is paid per thousands of spans, not per
+        request. With attribute-matched stages a batch is processed at once (its
+        span attributes are read while the batch is at hand).
         """
         if batch.signal is not Signal.TRACES:
             raise PermanentError(f"latency connector consumes traces, not {batch.signal}")
@@ -214,89 +296,158 @@ class LatencyConnector:
         except (ValueError, OverflowError) as e:  # e.g. a time beyond int64 nanoseconds
             self._tel.dropped(Signal.TRACES, n, "invalid_batch", error=repr(e))
             return
+        part = _Columns.of(cols, self._clock())
+        if self._names.has_attribute_rules:
+            self._process([part], cols)
+            return
+        self._pending.append(part)
+        self._pending_spans += n
+        if self._pending_spans >= self._cfg.flush_spans:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Process the pending spans (see ``consume``)."""
+        if self._pending:
+            parts, self._pending, self._pending_spans = self._pending, [], 0
+            self._process(parts)
+
+    def _process(self, parts: list[_Columns], cols: Any = None) -> None:
+        """RED metrics and trace buffering for ``parts``; ``cols`` is the columns of
+        the single part when attribute stage rules need span attributes. A failure
+        costs these spans only, never the pipeline."""
         try:
-            self._consume_columns(cols)
-        except Exception as e:  # a bug must cost this batch only, never the pipeline
-            self._tel.dropped(Signal.TRACES, n, "internal_error", error=repr(e))
+            self._consume_columns(_Columns.concatenate(parts), cols)
+        except Exception as e:  # a bug must cost these spans only, never the pipeline
+            self._tel.dropped(Signal.TRACES, sum(p.n for p in parts), "internal_error",
+                              error=repr(e))
         self._count_overflow()
 
-    def _consume_columns(self, cols: Any) -> None:
+    def _consume_columns(self, cols: _Columns, source: Any) -> None:
         now_ns = self._wall_ns()
         names = cols.name
-        # Distinct raw names of this batch -> local ids; normalise each once.
+        # Distinct raw names of these spans -> local ids; normalise each once.
         local = {x: i for i, x in enumerate(dict.fromkeys(names))}
         name_id = np.fromiter(map(local.__getitem__, names), dtype=np.int64, count=cols.n)
-        looked = [self._names.lookup(x) for x in local]
+        raw_names = list(local)
+        looked = [self._names.lookup(x) for x in raw_names]
         kind = cols.kind.astype(np.int64)
         kind[(kind < 0) | (kind > 5)] = 0
         status = cols.status_code.astype(np.int64)
         status[(status < 0) | (status > 2)] = 0
-        res = cols.resource_index.astype(np.int64)
-        services = cols.services
+        # Resources -> distinct services: a merged batch repeats the same few
+        # resources once per request it was merged from.
+        svc_names = list(dict.fromkeys(cols.services))
+        svc_local = {x: i for i, x in enumerate(svc_names)}
+        svc_of_res = np.fromiter(map(svc_local.__getitem__, cols.services), dtype=np.int64,
+                                 count=len(cols.services))
+        service = svc_of_res[cols.resource_index]
 
-        # Group spans by (resource, name, kind, status) with one sort; resolve each
-        # distinct group to its series row in Python (tens per batch, not per span).
-        code = ((res * len(local) + name_id) * 8 + kind) * 4 + status
-        uniq, inverse = np.unique(code, return_inverse=True)
-        weights = np.bincount(inverse).tolist()
-        nu = len(uniq)
-        red_u = np.empty(nu, dtype=np.int64)
-        win_u = np.empty(nu, dtype=np.int64)
-        op_u = np.empty(nu, dtype=np.int32)
-        svc_u = np.empty(nu, dtype=np.int32)
-        stage_u = np.empty(nu, dtype=np.int32)
-        red, win, nl = self._red, self._window.ops, len(local)
-        for j, c in enumerate(uniq.tolist()):
+        # Group spans by (service, name, kind, status) with one counting pass; resolve
+        # each distinct group to its series rows in Python (tens, not one per span).
+        code = ((service * len(local) + name_id) * 8 + kind) * 4 + status
+        uniq, inverse, weights = _group(code, len(svc_names) * len(local) * 32)
+        # Each group's rows (cumulative RED, self time, critical path, stage; window
+        # operations), cached by (service, raw name, kind, status) across batches.
+        cache, window_cache, nl = self._rows, self._window.rows, len(local)
+        group_rows = []
+        for c, weight in zip(uniq.tolist(), weights.tolist(), strict=True):
             c, st = divmod(c, 4)
             c, k = divmod(c, 8)
             r, ni = divmod(c, nl)
-            svc, (name, matches) = services[r], looked[ni]
-            weight = weights[j]
-            red_u[j] = red.row((svc, name, KIND_NAMES[k], STATUS_NAMES[st]), now_ns, weight)
-            win_u[j] = win.row((svc, name, KIND_NAMES[k]), now_ns, weight)
-            op_u[j] = self._self.row((svc, name), now_ns, weight)
-            svc_u[j] = self._critical.row(svc, now_ns, weight)
-            stage_name = self._names.stage(matches, k) if matches else None
-            stage_u[j] = self._stages.row((svc, stage_name), now_ns, weight) if stage_name else -1
-        rows = red_u[inverse]
-        start, end = cols.start, cols.end
-        dur = np.maximum(end - start, 0) * NS
+            key = (svc_names[r], raw_names[ni], k, st)
+            rows = cache.get(key)
+            if rows is None:
+                rows = self._resolve(key, looked[ni], now_ns, weight)
+            win_row = window_cache.get(key)
+            if win_row is None:
+                win_row = self._resolve_window(key, looked[ni][0], now_ns, weight)
+            group_rows.append((*rows, win_row))
+        red_u, op_u, svc_u, stage_u, win_u = np.array(group_rows, dtype=np.int64).T
+        nu, red, win = len(uniq), self._red, self._window.ops
+        # Calls and errors per group; durations summarised per group once, merged
+        # into both histograms (cumulative and window) by group.
         nr = len(red)
-        self._calls.add(rows, 1.0, nr)
-        self._errors.add(rows, (status == STATUS_ERROR).astype(np.float64), nr)
-        self._duration.add(rows, dur, nr, trace_ids=cols.trace_id, span_ids=cols.span_id,
-                           times=end)
-        self._window.ops_duration.add(win_u[inverse], dur, len(win))
+        self._calls.add(red_u, weights, nr)
+        self._errors.add(red_u, weights * (uniq % 4 == STATUS_ERROR), nr)
+        start, end, arrived = cols.start, cols.end, cols.arrived
+        dur = np.maximum(end - start, 0) * NS
+        hist = self._duration
+        grouped = Grouped.of(inverse, nu, hist.buckets(dur), dur, hist.nb)
+        hist.merge(red_u, grouped, nr, trace_ids=cols.trace_id, span_ids=cols.span_id,
+                   times=end, values=dur)
+        self._window.ops_duration.merge(win_u, grouped, len(win))
 
-        # Copy out, as columns, what trace analysis needs.
+        # Copy out, as columns, what trace analysis needs — for the sampled traces
+        # only, chosen before any per-span Python work.
+        key, tw = trace_keys(cols.trace_id)
+        keep = sample_mask(key, self._cfg.trace_sample_rate)
+        span_ids, parent_ids = cols.span_id, cols.parent_span_id
+        if keep is not None:
+            n_kept = int(np.count_nonzero(keep))
+            self._sampling.labels("analysed").inc(n_kept)
+            self._sampling.labels("skipped").inc(cols.n - n_kept)
+            if n_kept == 0:
+                return
+            span_ids = list(compress(span_ids, keep.tolist()))
+            parent_ids = list(compress(parent_ids, keep.tolist()))
+            key, tw, inverse = key[keep], tw[keep], inverse[keep]
+            kind, status, start, end = kind[keep], status[keep], start[keep], end[keep]
+            arrived = arrived[keep]
         stage = stage_u[inverse]
         if self._names.has_attribute_rules:
-            stage = self._attribute_stages(cols, kind, stage, now_ns)
-        tw, tlen = id_words(cols.trace_id, 16)
-        key = (tw[:, 0] ^ (tw[:, 1] * MIX)).view(np.int64)
-        key[tlen != 16] = 0
-        sw, _ = id_words(cols.span_id, 8)
-        pw, plen = id_words(cols.parent_span_id, 8)
+            stage = self._attribute_stages(source, kind, stage, now_ns, keep)
+        sw, _ = id_words(span_ids, 8)
+        pw, plen = id_words(parent_ids, 8)
         pid = pw[:, 0]
         pid[(plen != 0) & (plen != 8)] = INVALID_PARENT
         spans = Spans(key=key, trace_id=tw, sid=sw[:, 0], pid=pid, op=op_u[inverse],
                       svc=svc_u[inverse], stage=stage, kind=kind.astype(np.int8),
                       status=status.astype(np.int8), start=start, end=end)
-        result = self._buffer.add(spans, self._clock())
+        result = self._buffer.add(spans, arrived)
         for reason, count in result.dropped.items():
             self._tel.dropped(Signal.TRACES, count, reason)
 
+    def _resolve(self, key: tuple[str, str, int, int], looked: tuple[str, Any], now_ns: int,
+                 weight: int) -> tuple[int, int, int, int]:
+        """The cumulative rows of a (service, raw name, kind, status) group: RED,
+        self time, critical path and stage (-1: none); cached unless one of them is
+        an overflow row (whose measurements must be counted at every batch)."""
+        svc, _, k, st = key
+        name, matches = looked
+        stage_name = self._names.stage(matches, k) if matches else None
+        rows = (self._red.row((svc, name, KIND_NAMES[k], STATUS_NAMES[st]), now_ns, weight),
+                self._self.row((svc, name), now_ns, weight),
+                self._critical.row(svc, now_ns, weight),
+                self._stages.row((svc, stage_name), now_ns, weight) if stage_name else -1)
+        tables = (self._red, self._self, self._critical, self._stages)
+        if all(row != t.overflow_row for row, t in zip(rows, tables, strict=True)):
+            _bounded_put(self._rows, key, rows, 4 * self._cfg.max_series)
+        return rows
+
+    def _resolve_window(self, key: tuple[str, str, int, int], name: str, now_ns: int,
+                        weight: int) -> int:
+        """The window-operations row of a group, cached as ``_resolve`` caches."""
+        svc, _, k, _ = key
+        ops = self._window.ops
+        row = ops.row((svc, name, KIND_NAMES[k]), now_ns, weight)
+        if row != ops.overflow_row:
+            _bounded_put(self._window.rows, key, row, 4 * self._cfg.max_series)
+        return row
+
     def _attribute_stages(self, cols: Any, kind: np.ndarray, by_name: np.ndarray,
-                          now_ns: int) -> np.ndarray:
-        """Stage rows per span when some stage is matched by attributes (slow path:
-        every span's attributes are read)."""
+                          now_ns: int, keep: np.ndarray | None) -> np.ndarray:
+        """Stage rows per kept span (``keep``: the sampled spans' mask, ``None``: all)
+        when some stage is matched by attributes (slow path: every kept span's
+        attributes are read)."""
         stage_names = [None if r < 0 else self._stages.keys[r][1]  # type: ignore[index]
                        for r in by_name.tolist()]
-        services = cols.service
-        out = np.empty(cols.n, dtype=np.int32)
-        for i, (k, st) in enumerate(zip(kind.tolist(), stage_names, strict=True)):
+        index = range(cols.n) if keep is None else np.flatnonzero(keep).tolist()
+        services = cols.services
+        resource = cols.resource_index.tolist()
+        out = np.empty(len(stage_names), dtype=np.int32)
+        for j, (i, k, st) in enumerate(zip(index, kind.tolist(), stage_names, strict=True)):
             st = self._names.stage_of_attributes(cols.attributes(i), k, st)
-            out[i] = self._stages.row((services[i], st), now_ns) if st else -1
+            out[j] = self._stages.row((services[resource[i]], st), now_ns) if st else -1
         return out
 
     # ----------------------------------------------------------------- per trace
@@ -321,10 +472,14 @@ class LatencyConnector:
         rows = _remap(a.trace_op, lambda op: self._roots.row(self._self.keys[op], now_ns))
         self._trace_duration.add(rows, secs, len(self._roots), trace_ids=trace_ids,
                                  span_ids=root_ids, times=a.trace_end)
-        self._self_time.add(a.self_op, a.self_ns * NS, len(self._self))
+        # Sums over traces estimate the total over every trace: each analysed trace
+        # stands for 1/rate (Horvitz-Thompson). Histograms count the analysed traces
+        # themselves, and window shares and quantiles need no scaling.
+        scale = NS / self._cfg.trace_sample_rate
+        self._self_time.add(a.self_op, a.self_ns * scale, len(self._self))
 
         path_s = a.path_ns * NS
-        self._critical_time.add(a.path_svc, path_s, len(self._critical))
+        self._critical_time.add(a.path_svc, a.path_ns * scale, len(self._critical))
 
         def window_service(svc: int) -> int:
             return w.services.row(self._critical.keys[svc], now_ns)
@@ -360,8 +515,9 @@ class LatencyConnector:
             n = len(self._edges)
             edge_traces = _id_bytes(a.edge_trace_id, 16)
             client_spans = _id_bytes(a.edge_client_sid, 8)
-            self._requests.add(rows, 1.0, n)
-            self._failures.add(rows, a.edge_failed.astype(np.float64), n)
+            per_edge = 1.0 / self._cfg.trace_sample_rate
+            self._requests.add(rows, per_edge, n)
+            self._failures.add(rows, a.edge_failed * per_edge, n)
             for hist, ns in ((self._client_duration, a.edge_client_ns),
                              (self._server_duration, a.edge_server_ns)):
                 hist.add(rows, ns * NS, n, trace_ids=edge_traces, span_ids=client_spans,
@@ -393,6 +549,7 @@ class LatencyConnector:
 
     async def _close_window(self, now: float) -> None:
         """Emit every metric (cumulative, plus this window's gauges), start a new window."""
+        self._flush()  # spans consumed in this window count in it
         w = self._window
         now_ns = self._wall_ns()
         # Tumbling windows stay aligned to the first one's start, however late the tick.
@@ -516,6 +673,28 @@ class LatencyConnector:
             self._tel.dropped(Signal.METRICS, n, "downstream_error", error=repr(e))
         else:
             self._tel.sent(Signal.METRICS, n)
+
+
+def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """``cache[key] = value``, emptying the cache first when it holds ``limit`` entries
+    (raw span names are unbounded; the series they map to are not)."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+
+
+def _group(code: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(distinct codes, index of each code's group, group sizes)`` for codes in
+    ``[0, n_codes)``: counted in a table when it is small (linear time), sorted
+    otherwise."""
+    if n_codes > 4 * len(code) + 4096:
+        uniq, inverse = np.unique(code, return_inverse=True)
+        return uniq, inverse, np.bincount(inverse)
+    counts = np.bincount(code, minlength=n_codes)
+    uniq = np.flatnonzero(counts)
+    group_of = np.zeros(n_codes, dtype=np.int64)
+    group_of[uniq] = np.arange(len(uniq))
+    return uniq, group_of[code], counts[uniq]
 
 
 def _remap(values: np.ndarray, row_of: Callable[[int], int]) -> np.ndarray:

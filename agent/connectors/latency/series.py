@@ -12,6 +12,7 @@ cardinality-limit behaviour).
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -70,7 +71,7 @@ class Series:
         return dict(zip(self.attribute_names, values, strict=True))
 
 
-def _grow(a: np.ndarray, n: int, fill: float) -> np.ndarray:
+def _grow(a: np.ndarray, n: int, fill: object) -> np.ndarray:
     """``a`` with at least ``n`` rows (capacity doubles so growth is amortised)."""
     if len(a) >= n:
         return a
@@ -92,6 +93,37 @@ class Sums:
         np.add.at(self.values, rows, values)
 
 
+@dataclass
+class Grouped:
+    """One batch of values summarised per group: what a histogram row takes in.
+
+    ``last[g, b]`` is the index (into the batch) of group ``g``'s latest value in
+    bucket ``b``, -1 when none fell there: the candidate exemplar.
+    """
+
+    counts: np.ndarray  # (groups, buckets) int64
+    sums: np.ndarray
+    mins: np.ndarray
+    maxs: np.ndarray
+    last: np.ndarray  # (groups, buckets) int64
+
+    @classmethod
+    def of(cls, group: np.ndarray, n_groups: int, buckets: np.ndarray, values: np.ndarray,
+           nb: int) -> Grouped:
+        """Summarise ``values`` (their ``buckets``) by ``group`` (ids below ``n_groups``):
+        counting and ufunc.at over 1-D arrays, linear in the values, no sort."""
+        cells = group.astype(np.int64) * nb + buckets
+        mins = np.full(n_groups, np.inf)
+        maxs = np.full(n_groups, -np.inf)
+        np.minimum.at(mins, group, values)
+        np.maximum.at(maxs, group, values)
+        last = np.full(n_groups * nb, -1, dtype=np.int64)
+        np.maximum.at(last, cells, np.arange(len(values)))
+        return cls(np.bincount(cells, minlength=n_groups * nb).reshape(n_groups, nb),
+                   np.bincount(group, weights=values, minlength=n_groups), mins, maxs,
+                   last.reshape(n_groups, nb))
+
+
 class Histograms:
     """Explicit-bucket histograms, one per row, with one exemplar per bucket.
 
@@ -99,7 +131,8 @@ class Histograms:
     unbounded above), as OTLP defines them. The exemplar kept for a bucket is the
     latest value that fell in it, with its trace and span ids, so a slow bucket links
     to a real trace. ``mins``/``maxs`` track the extremes (OTLP ``min``/``max``, and
-    the outer edges when quantiles are interpolated).
+    the outer edges when quantiles are interpolated). Exemplars live in per-cell
+    arrays (row, bucket) so a batch updates them with a few vectorised assignments.
     """
 
     def __init__(self, bounds: Sequence[float], *, exemplars: bool = True) -> None:
@@ -110,8 +143,16 @@ class Histograms:
         self.mins = np.zeros(0, dtype=np.float64)
         self.maxs = np.zeros(0, dtype=np.float64)
         self.keep_exemplars = exemplars
-        # row * nb + bucket -> (trace_id, span_id, time_unix_nano, value)
-        self.exemplars: dict[int, tuple[bytes, bytes, int, float]] = {}
+        # Per (row, bucket): the exemplar's trace and span ids (bytes; None: no
+        # exemplar yet), time (Unix ns) and value.
+        self._ex_trace = np.full((0, self.nb), None, dtype=object)
+        self._ex_span = np.full((0, self.nb), None, dtype=object)
+        self._ex_time = np.zeros((0, self.nb), dtype=np.int64)
+        self._ex_value = np.zeros((0, self.nb), dtype=np.float64)
+
+    def buckets(self, values: np.ndarray) -> np.ndarray:
+        """The bucket index of each value (to share between histograms of equal bounds)."""
+        return np.searchsorted(self.bounds, values, side="left")
 
     def add(self, rows: np.ndarray, values: np.ndarray, n_rows: int, *,
             trace_ids: Sequence[bytes] | None = None, span_ids: Sequence[bytes] | None = None,
@@ -119,31 +160,54 @@ class Histograms:
         """Record ``values`` (seconds) at ``rows``; ids and times feed the exemplars."""
         if len(values) == 0:
             return
+        uniq, group = np.unique(rows, return_inverse=True)
+        grouped = Grouped.of(group, len(uniq), self.buckets(values), values, self.nb)
+        self.merge(uniq, grouped, n_rows, trace_ids=trace_ids, span_ids=span_ids,
+                   times=times, values=values)
+
+    def merge(self, rows: np.ndarray, g: Grouped, n_rows: int, *,
+              trace_ids: Sequence[bytes] | None = None, span_ids: Sequence[bytes] | None = None,
+              times: np.ndarray | None = None, values: np.ndarray | None = None) -> None:
+        """Add the summary ``g`` of a batch, group ``i`` into row ``rows[i]`` (groups
+        may share a row). The exemplars take ``trace_ids``, ``span_ids``, ``times`` and
+        ``values`` of the batch, indexed by ``g.last``."""
         self.counts = _grow(self.counts, n_rows, 0)
         self.sums = _grow(self.sums, n_rows, 0.0)
         self.mins = _grow(self.mins, n_rows, np.inf)
         self.maxs = _grow(self.maxs, n_rows, -np.inf)
-        buckets = np.searchsorted(self.bounds, values, side="left")
-        np.add.at(self.counts, (rows, buckets), 1)
-        np.add.at(self.sums, rows, values)
-        np.minimum.at(self.mins, rows, values)
-        np.maximum.at(self.maxs, rows, values)
-        if self.keep_exemplars and trace_ids is not None and span_ids is not None \
-                and times is not None:
-            # The last occurrence of each (row, bucket) in this batch: unique over the
-            # reversed cells gives the first index from the end.
-            cells = rows.astype(np.int64) * self.nb + buckets
-            uniq, first_from_end = np.unique(cells[::-1], return_index=True)
-            last = len(cells) - 1 - first_from_end
-            ex = self.exemplars
-            for cell, i in zip(uniq.tolist(), last.tolist(), strict=True):
-                ex[cell] = (trace_ids[i], span_ids[i], int(times[i]), float(values[i]))
+        np.add.at(self.counts, rows, g.counts)
+        np.add.at(self.sums, rows, g.sums)
+        np.minimum.at(self.mins, rows, g.mins)
+        np.maximum.at(self.maxs, rows, g.maxs)
+        if not self.keep_exemplars or trace_ids is None or span_ids is None \
+                or times is None or values is None:
+            return
+        self._ex_trace = _grow(self._ex_trace, n_rows, None)
+        self._ex_span = _grow(self._ex_span, n_rows, None)
+        self._ex_time = _grow(self._ex_time, n_rows, 0)
+        self._ex_value = _grow(self._ex_value, n_rows, 0.0)
+        group, bucket = np.nonzero(g.last >= 0)
+        index = g.last[group, bucket]
+        # Where groups share a row, the latest value wins: unique over the cells
+        # ordered latest first keeps each cell's latest.
+        latest_first = np.argsort(index)[::-1]
+        cells = (rows[group] * self.nb + bucket)[latest_first]
+        cells, first = np.unique(cells, return_index=True)
+        pick = index[latest_first][first]
+        r, b = np.divmod(cells, self.nb)
+        self._ex_time[r, b] = times[pick]
+        self._ex_value[r, b] = values[pick]
+        picked = pick.tolist()
+        self._ex_trace[r, b] = [trace_ids[i] for i in picked]
+        self._ex_span[r, b] = [span_ids[i] for i in picked]
 
     def exemplars_of(self, row: int) -> list[tuple[bytes, bytes, int, float]]:
-        """The exemplars of ``row``, in bucket order."""
-        base = row * self.nb
-        ex = self.exemplars
-        return [ex[c] for c in range(base, base + self.nb) if c in ex]
+        """The exemplars of ``row`` as ``(trace_id, span_id, time, value)``, in bucket order."""
+        if row >= len(self._ex_trace):
+            return []
+        return [(t, s, int(tm), float(v)) for t, s, tm, v in zip(
+            self._ex_trace[row], self._ex_span[row], self._ex_time[row].tolist(),
+            self._ex_value[row].tolist(), strict=True) if t is not None]
 
     def quantiles(self, qs: Sequence[float]) -> np.ndarray:
         """``(rows, len(qs))`` estimates, interpolated linearly within the bucket.

@@ -22,6 +22,42 @@ MIX = np.uint64(0x9E3779B97F4A7C15)
 INVALID_PARENT = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
+def trace_keys(ids: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """``(keys, words)``: each trace id's 64-bit key (0: not a 16-byte id, invalid)
+    and its two native uint64 words."""
+    tw, tlen = id_words(ids, 16)
+    key = (tw[:, 0] ^ (tw[:, 1] * MIX)).view(np.int64)
+    key[tlen != 16] = 0
+    return key, tw
+
+
+def sample_mask(key: np.ndarray, rate: float) -> np.ndarray | None:
+    """Which spans belong to a trace sampled at ``rate`` (``None``: all of them).
+
+    The decision is a pure function of the trace key, so every span of a trace gets
+    the same one whichever batch, service or agent it arrives through: traces are
+    kept or skipped whole. The key goes through the splitmix64 finaliser first, so ids
+    with structure (a constant half, a counter) still sample uniformly. Invalid
+    trace ids (key 0) are kept so the trace buffer counts them as it always has.
+    """
+    if rate >= 1.0:
+        return None
+    z = key.view(np.uint64)
+    z = z ^ (z >> _S30)
+    z = z * _M1
+    z ^= z >> _S27
+    z *= _M2
+    z ^= z >> _S31
+    threshold = np.uint64(min(int(rate * 2.0**64), 2**64 - 1))
+    return (z < threshold) | (key == 0)
+
+
+# splitmix64's finaliser (Steele, Lea and Flood 2014): a bijection on 64-bit words
+# whose every output bit depends on every input bit.
+_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
 def id_words(ids: list[bytes], width: int) -> tuple[np.ndarray, np.ndarray]:
     """``(words, lengths)``: each id as ``width // 8`` native uint64 words (zero when
     its length is not ``width``) and the byte length of each id."""
