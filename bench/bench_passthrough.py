@@ -22,6 +22,7 @@ Variants:
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -91,25 +92,36 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=15)
     ap.add_argument("--variants", default="passthrough,persistent,enrich,latency,drift")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole sequence this many times; ratios are per round, "
+                         "and the median is reported (single runs swing on a shared machine)")
     a = ap.parse_args()
     names = a.variants.split(",")
     if names[0] != "passthrough":
         names.insert(0, "passthrough")
-    results = []
-    for n in names:
-        cfg, args = variant(n)
-        results.append(run_pipeline(n, cfg, a.duration, loadgen_args=args,
-                                    es_sink=n == "elasticsearch"))
+    ratios: dict[str, list[float]] = {n: [] for n in names}
+    for rnd in range(a.rounds):
+        results = []
+        for n in names:
+            cfg, args = variant(n)
+            results.append(run_pipeline(n, cfg, a.duration, loadgen_args=args,
+                                        es_sink=n == "elasticsearch"))
+        base = results[0]
+        print(f"round {rnd + 1}:")
+        for r in results:
+            ratio = r.exported_per_s / base.exported_per_s
+            ratios[r.name].append(ratio)
+            print(r.line() + f"   ratio to passthrough {ratio:.2f}")
+            if r.es and r.es["spans"]:
+                print(f"{'':<28} elasticsearch: {r.es['spans']:,} documents, "
+                      f"{r.es['wire_bytes'] / r.es['spans']:.0f} bytes/span on the wire (gzip), "
+                      f"{r.es['body_bytes'] / r.es['spans']:.0f} bytes/span of NDJSON")
     dec = decode_rate(make_payloads(16))
     print(f"raw upb decode of the same payloads: {dec:,.0f} spans/s (one core)")
-    base = results[0]
-    for r in results:
-        print(r.line() + f"   exported/decode {r.exported_per_s / dec:.3f}"
-              f"   ratio to passthrough {r.exported_per_s / base.exported_per_s:.2f}")
-        if r.es and r.es["spans"]:
-            print(f"{'':<28} elasticsearch: {r.es['spans']:,} documents, "
-                  f"{r.es['wire_bytes'] / r.es['spans']:.0f} bytes/span on the wire (gzip), "
-                  f"{r.es['body_bytes'] / r.es['spans']:.0f} bytes/span of NDJSON")
+    if a.rounds > 1:
+        for n, rs in ratios.items():
+            print(f"median ratio {n:<16} {statistics.median(rs):.2f}   "
+                  f"(rounds: {', '.join(f'{x:.2f}' for x in rs)})")
 
 
 if __name__ == "__main__":
