@@ -784,3 +784,12 @@ def test_union_lengths_matches_brute_force(rows: list[tuple[int, int, int]]) -> 
     end = np.array([r[2] for r in rows], dtype=np.int64)
     base = np.zeros(len(rows), dtype=np.int64)
     assert union_lengths(group, start, end, base, 6).tolist() == expected
+
+
+def test_stage_patterns_that_cannot_combine_are_a_config_error() -> None:
+    """Validation compiles what the connector compiles: `mlagent validate` and start agree."""
+    from agent.connectors.latency.config import StageConfig
+
+    errs = StageConfig("infer", span_names=["(?i)predict"]).validate()
+    assert any(e.startswith("span_names: the patterns do not combine") for e in errs)
+    assert StageConfig("infer", span_names=["predict", "forward"]).validate() == []

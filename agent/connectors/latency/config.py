@@ -37,12 +37,22 @@ class StageConfig:
     # it as the inference stage would make inference 100% of every request.
     span_kinds: list[SpanKindName] = field(default_factory=lambda: ["internal"])
 
+    def name_pattern(self) -> re.Pattern[str]:
+        """The one expression ``span_names`` compile to (what the connector matches with)."""
+        return re.compile("|".join(f"(?:{p})" for p in self.span_names), re.IGNORECASE)
+
     def validate(self) -> list[str]:
         errors = []
         if not self.name:
             errors.append("name: a stage needs a name")
         for i, pattern in enumerate(self.span_names):
             errors.extend(f"span_names[{i}]: {e}" for e in _regex_errors(pattern))
+        if self.span_names and not any(e.startswith("span_names[") for e in errors):
+            try:  # each alone may compile and the union not (a global flag like "(?i)")
+                self.name_pattern()
+            except re.error as e:
+                errors.append(f"span_names: the patterns do not combine: {e} (use no inline "
+                              "flags; matching is case-insensitive already)")
         for key, pattern in self.attributes.items():
             errors.extend(f"attributes.{key}: {e}" for e in _regex_errors(pattern))
         if not self.span_kinds:

@@ -45,9 +45,7 @@ class Names:
 
     def __init__(self, stages: list[StageConfig], *, normalize: bool = True) -> None:
         self._normalize = normalize
-        self._name_rules = [(s.name, re.compile("|".join(f"(?:{p})" for p in s.span_names),
-                                                re.IGNORECASE))
-                            for s in stages if s.span_names]
+        self._name_rules = [(s.name, s.name_pattern()) for s in stages if s.span_names]
         self._attr_rules = [(s.name, [(k, re.compile(v)) for k, v in s.attributes.items()])
                             for s in stages if s.attributes]
         self._order = {s.name: i for i, s in enumerate(stages)}
