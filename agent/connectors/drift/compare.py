@@ -144,17 +144,27 @@ class Window:
         self._sums = {name: np.zeros(3) for name, h in ref.features.items()
                       if isinstance(h, NumericHist)}
         self.examples: deque[tuple[bytes, bytes]] = deque(maxlen=max_examples)
+        # The counts scaled up by 1/rate, per signal; None while every add had weight 1
+        # (then the counts themselves are the volume, and nothing is duplicated).
+        self._scaled: dict[str, np.ndarray] | None = None
 
-    def add(self, p: Pending) -> int:
-        """Count ``p``'s values. Returns how many feature values had no reference bins."""
+    def add(self, p: Pending, weight: float = 1.0) -> int:
+        """Count ``p``'s values. Returns how many feature values had no reference bins.
+
+        ``weight`` is how many items each of ``p``'s stands for (1/rate when they were
+        sampled): it scales only the volumes that ``scaled_counts`` reports, never the
+        counts the tests run on.
+        """
         ref = self.ref
         self.n += len(p.rows)
+        if weight != 1.0 and self._scaled is None:
+            self._scaled = {s: c.astype(np.float64) for s, c in self.counts().items()}
         if self.label is not None and p.labels:
-            self.label += ref.label.bin(p.strings(None))  # type: ignore[union-attr]
+            self._count("label", self.label, ref.label.bin(p.strings(None)), weight)  # type: ignore[union-attr]
         if self.score is not None and p.scores:
             sc = ref.score
             x = p.numeric(None)
-            self.score += sc.bin(x)  # type: ignore[union-attr]
+            self._count("score", self.score, sc.bin(x), weight)  # type: ignore[union-attr]
             _accumulate(self._score_sums, x, sc.mean)  # type: ignore[union-attr]
             self._low += int(np.count_nonzero(x < sc.low_cut))  # type: ignore[union-attr]
             self._entropy += float(stats.binary_entropy_bits(x).sum())
@@ -164,12 +174,31 @@ class Window:
             if h is None:
                 unknown += len(vals)
             elif isinstance(h, CategoricalHist):
-                self.features[name] += h.bin(p.strings(name))
+                self._count(f"feature:{name}", self.features[name], h.bin(p.strings(name)), weight)
             else:
                 x = p.numeric(name)
-                self.features[name] += h.bin(x)
+                self._count(f"feature:{name}", self.features[name], h.bin(x), weight)
                 _accumulate(self._sums[name], x, h.mean)
         return unknown
+
+    def _count(self, signal: str, counts: np.ndarray, add: np.ndarray, weight: float) -> None:
+        counts += add
+        if self._scaled is not None:
+            self._scaled[signal] += add * weight
+
+    def counts(self) -> dict[str, np.ndarray]:
+        """The window's counts per signal (``label``, ``score``, ``feature:<name>``)."""
+        out: dict[str, np.ndarray] = {}
+        if self.label is not None:
+            out["label"] = self.label
+        if self.score is not None:
+            out["score"] = self.score
+        out.update((f"feature:{name}", c) for name, c in self.features.items())
+        return out
+
+    def scaled_counts(self) -> dict[str, np.ndarray]:
+        """The counts scaled up to the volume they stand for (float when sampled)."""
+        return self.counts() if self._scaled is None else self._scaled
 
     def side(self) -> Side:
         s = Side(n=self.n, label=self.label, score=self.score, features=self.features)

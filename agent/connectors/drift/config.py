@@ -37,10 +37,16 @@ class DriftConfig:
     baseline_size: int = 1000
     # Compare each other live version of a model with its first-referenced version.
     canary: bool = True
-    # Share of items examined (chosen at random). 1 reads every prediction through the
-    # batch's shared columns; below 1 only the chosen items' attributes are read, which
-    # bounds the cost at high span rates. Tests run on what was examined; counts are
-    # scaled up by 1/sample.
+    # Predictions per service and window that the statistics are computed on: above
+    # this volume each service's items are sampled at a rate adapted every second to
+    # examine about this many (sampling.py); at or below it every prediction is read.
+    # 0 switches adaptive sampling off (every item is read, up to `sample`).
+    target_window_predictions: int = 10_000
+    # Items (predictions or not) read per service and window at most while sampling,
+    # so a busy service whose spans seldom carry a prediction is not read in full.
+    max_window_examined: int = 100_000
+    # Share of items examined at most (chosen at random), whatever the volume.
+    # Tests run on what was examined; counts are scaled up by 1/rate.
     sample: float = 1.0
     # Bounds: subjects tracked, features per subject, categories per categorical
     # histogram (the rest is "other"), example trace ids kept per window.
@@ -63,6 +69,12 @@ class DriftConfig:
             errors.append("bins: must be between 2 and 100")
         if not 0.0 < self.sample <= 1.0:
             errors.append("sample: must be in (0, 1]")
+        if self.target_window_predictions and (
+                self.target_window_predictions < self.min_window_count):
+            errors.append("target_window_predictions: must be 0 (off) or at least "
+                          "min_window_count")
+        if self.max_window_examined < max(self.target_window_predictions, 1):
+            errors.append("max_window_examined: must be at least target_window_predictions")
         if not 0.0 < self.low_confidence < 1.0:
             errors.append("low_confidence: must be between 0 and 1")
         if self.baseline_size < max(self.min_window_count, 5 * self.bins):

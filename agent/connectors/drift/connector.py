@@ -8,6 +8,10 @@ the reference (and, for canaries, with the window of the model's anchor version)
 It emits gauges and cumulative histograms to ``next[METRICS]`` and, when a subject's
 drift state changes, one log record to ``next[LOGS]`` (either may be absent).
 
+Above ``target_window_predictions`` per service and window, only a sample of the
+items is read, at a per-service rate adapted to the volume (``sampling.py``); the
+tests run on the sample, the reported volumes are scaled back up.
+
 State is bounded: ``max_subjects`` subjects, ``max_features`` features per learned
 baseline, ``max_categories`` categories per histogram; everything left out is counted
 as dropped with a reason. The connector never keeps batches, only arrays and sums.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -48,15 +53,8 @@ from agent.connectors.drift.reference import (
     SubjectKey,
     reference_from_values,
 )
-from agent.pdata import (
-    GENAI_MODEL,
-    Batch,
-    LogBatch,
-    MetricBatch,
-    ml_attributes,
-    python_to_anyvalue,
-    service_name,
-)
+from agent.connectors.drift.sampling import AdaptiveSampler, read_sample
+from agent.pdata import GENAI_MODEL, Batch, LogBatch, MetricBatch, python_to_anyvalue
 
 LABEL = "ml.prediction.label"
 SCORE = "ml.prediction.score"
@@ -112,8 +110,10 @@ class _Subject:
     canary: Window | None = None  # counted on the anchor version's reference bins
     anchor: SubjectKey | None = None  # the version the canary window is compared with
     count: float = 0.0  # predictions in the current window (estimated when sampling)
+    examined: int = 0  # of which were read (the rest were not sampled)
     idle: int = 0
-    # Cumulative counts per signal since the reference was frozen, for histograms.
+    # Cumulative counts per signal since the reference was frozen, for histograms
+    # (scaled up by 1/rate when sampled, so float).
     totals: dict[str, np.ndarray] = field(default_factory=dict)
     totals_start_ns: int = 0
     # Last verdict per (kind, baseline version or None), to log only state changes.
@@ -148,8 +148,12 @@ class DriftConnector:
         self._ref_dir: Path | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
-        # Picks the items examined when `sample` < 1 (seeded: runs are reproducible).
-        self._rng = np.random.default_rng(0)
+        # Which items are examined (sampling.py); seeded, so runs are reproducible.
+        self._rng = random.Random(0)
+        self.sampler = AdaptiveSampler(
+            window=config.window, target=config.target_window_predictions,
+            max_examined=config.max_window_examined, ceiling=config.sample,
+            max_services=config.max_subjects, now=clock())
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -222,32 +226,33 @@ class DriftConnector:
 
     async def consume(self, batch: Batch) -> None:
         """Count the batch's predictions into their subjects' windows (no I/O but a
-        baseline's one-time save); items without prediction attributes are ignored."""
+        baseline's one-time save); items without prediction attributes are ignored.
+
+        Only the items each service's sampling rate picks are read (``sampling.py``);
+        at low volume that is every item."""
         if batch.signal not in (Signal.TRACES, Signal.LOGS):
             self.telemetry.refused(batch.signal, batch.item_count, "unsupported_signal")
             raise PermanentError(f"drift consumes traces and logs, not {batch.signal}")
         self.telemetry.accepted(batch.signal, batch.item_count)
-        if self.cfg.sample < 1.0:
-            ml, services, ridx, trace_ids, span_ids = _sampled_columns(
-                batch, self.cfg.sample, self._rng)
-        else:
-            cols = batch.columns  # type: ignore[attr-defined]
-            ml, services, ridx = cols.ml, cols.services, cols.resource_index.tolist()
-            trace_ids, span_ids = cols.trace_id, cols.span_id
-        groups = _group(ml, services, ridx)
-        if not groups:
-            return
+        self.sampler.tick(self.clock())
+        sample = read_sample(batch, self.sampler, self._rng)
+        groups = _group(sample.ml, sample.services, sample.resource_index)
         tele, signal = self.telemetry, batch.signal
         for key, p in groups.items():
+            entry = sample.rates[key.service]  # type: ignore[index]
+            weight = 1.0 / entry.rate  # each examined prediction stands for this many
+            # Before any drop: the service's volume is what its rate adapts to.
+            self.sampler.count_predictions(entry, len(p.rows))
             subj = self.subjects.get(key) or self._new_subject(key)
             if subj is None:
                 tele.dropped(signal, len(p.rows), "max_subjects")
                 continue
-            subj.count += len(p.rows) / self.cfg.sample
+            subj.count += len(p.rows) * weight
+            subj.examined += len(p.rows)
             unknown = 0
             if subj.window is not None:
-                unknown = subj.window.add(p)
-                _examples(subj.window, p, trace_ids, span_ids)
+                unknown = subj.window.add(p, weight)
+                _examples(subj.window, p, sample.items)
             elif subj.baseline is not None:
                 excluded = subj.baseline.add(p)
                 if excluded:
@@ -255,8 +260,8 @@ class DriftConnector:
                 if subj.baseline.n >= self.cfg.baseline_size:
                     self._freeze_baseline(subj)
             if subj.canary is not None:
-                subj.canary.add(p)
-                _examples(subj.canary, p, trace_ids, span_ids)
+                subj.canary.add(p, weight)
+                _examples(subj.canary, p, sample.items)
             if unknown:
                 tele.dropped(signal, unknown, "feature_not_in_reference")
             for reason, n in p.bad.items():
@@ -333,13 +338,14 @@ class DriftConnector:
         for subj in self.subjects.values():
             self._evaluate_canary(subj, out, events)
         logs = self._drift_logs(events, now_ns)
+        self.sampler.close_window()
         for subj in list(self.subjects.values()):  # windows reset only after canaries read them
             if subj.window is not None:
                 subj.window = Window(subj.window.ref, self.cfg.max_examples)
             if subj.canary is not None:
                 subj.canary = Window(subj.canary.ref, self.cfg.max_examples)
             subj.idle = 0 if subj.count else subj.idle + 1
-            subj.count = 0.0
+            subj.count, subj.examined = 0.0, 0
             if subj.idle >= IDLE_WINDOWS:
                 self._forget(subj)
         await self._send(self.metrics_out, out.batch(), Signal.METRICS)
@@ -358,7 +364,11 @@ class DriftConnector:
         attrs = subj.key.attributes()
         service = subj.key.service
         out.gauge(service, "mlagent.prediction.count", attrs, subj.count,
-                  "Predictions seen in the window.")
+                  "Predictions seen in the window (estimated from the sample when sampling).")
+        if subj.count:
+            out.gauge(service, "mlagent.drift.sample_rate", attrs, subj.examined / subj.count,
+                      "Share of the window's predictions examined; the statistics are "
+                      "computed on these.")
         if subj.baseline is not None:
             out.gauge(service, "mlagent.drift.insufficient_data", attrs, 1, _INSUFFICIENT_DOC)
             out.gauge(service, "mlagent.drift.baseline.progress", attrs,
@@ -400,20 +410,24 @@ class DriftConnector:
         """Add the window into cumulative totals and emit them on the frozen edges."""
         ref = subj.ref
         assert ref is not None
-        parts: list[tuple[str, Any, np.ndarray | None]] = [
-            ("label", ref.label, win.label), ("score", ref.score, win.score),
-            *((f"feature:{n}", h, win.features.get(n)) for n, h in ref.features.items())]
-        for signal, hist, counts in parts:
-            if hist is None or counts is None:
+        hists = {"label": ref.label, "score": ref.score,
+                 **{f"feature:{n}": h for n, h in ref.features.items()}}
+        for signal, counts in win.scaled_counts().items():
+            hist = hists.get(signal)
+            if hist is None:
                 continue
             total = subj.totals.get(signal)
-            total = subj.totals[signal] = counts.copy() if total is None else total + counts
+            total = subj.totals[signal] = (counts.astype(np.float64) if total is None
+                                           else total + counts)
+            # Whole counts for OTLP: rounding the running total (not each window) keeps
+            # the emitted series monotonic and its rounding error below one.
+            whole = np.rint(total).astype(np.int64)
             a = {**attrs, "signal": signal}
             if isinstance(hist, CategoricalHist):
-                out.categories(subj.key.service, a, [*hist.categories, "other"], total,
+                out.categories(subj.key.service, a, [*hist.categories, "other"], whole,
                                subj.totals_start_ns)
             else:
-                out.histogram(subj.key.service, a, hist.edges, total, subj.totals_start_ns)
+                out.histogram(subj.key.service, a, hist.edges, whole, subj.totals_start_ns)
 
     # ----------------------------------------------------------------- output
 
@@ -474,38 +488,6 @@ class DriftConnector:
 # --------------------------------------------------------------------------- helpers
 
 
-def _sampled_columns(batch: Batch, rate: float, rng: np.random.Generator) -> tuple[
-        list[dict[str, Any]], list[str], list[int], list[bytes], list[bytes]]:
-    """The columns ``_group`` needs, for a random ``rate`` share of the batch's items.
-
-    Reading an item's attributes from Python costs about 1 µs per attribute, many
-    times the decoding; sampling touches only the chosen items (and never builds the
-    batch-wide ``columns.ml``), so the cost falls in proportion. Each item is chosen
-    independently, so periodic span layouts cannot alias with the sampling.
-    """
-    ml: list[dict[str, Any]] = []
-    ridx: list[int] = []
-    trace_ids: list[bytes] = []
-    span_ids: list[bytes] = []
-    services: list[str] = []
-    logs = batch.signal is Signal.LOGS
-    for r, res in enumerate(batch.resources()):
-        services.append(service_name(res.resource))
-        base: dict[str, Any] | None = None
-        for scope in (res.scope_logs if logs else res.scope_spans):
-            group = scope.log_records if logs else scope.spans
-            for i in np.flatnonzero(rng.random(len(group)) < rate).tolist():
-                item = group[i]
-                if base is None:
-                    base = ml_attributes(res.resource.attributes)
-                own = ml_attributes(item.attributes)
-                ml.append({**base, **own} if base else own)
-                ridx.append(r)
-                trace_ids.append(item.trace_id)
-                span_ids.append(item.span_id)
-    return ml, services, ridx, trace_ids, span_ids
-
-
 def _is_prediction(d: dict[str, Any]) -> bool:
     return LABEL in d or SCORE in d or any(k.startswith(FEATURE_PREFIX) for k in d)
 
@@ -551,13 +533,14 @@ def _group(ml: list[dict[str, Any]], services: list[str],
     return groups
 
 
-def _examples(win: Window, p: Pending, trace_ids: list[bytes], span_ids: list[bytes]) -> None:
+def _examples(win: Window, p: Pending, items: list[Any]) -> None:
     """Remember the window's latest items that carry a trace id."""
     need = win.examples.maxlen or 0
     found: list[tuple[bytes, bytes]] = []
     for i in reversed(p.rows):
-        if trace_ids[i]:
-            found.append((trace_ids[i], span_ids[i]))
+        item = items[i]
+        if item.trace_id:
+            found.append((item.trace_id, item.span_id))
             if len(found) >= need:
                 break
     win.examples.extend(reversed(found))
