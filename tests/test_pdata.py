@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+
+from agent.pdata import anyvalue_to_python, ml_attributes, python_to_anyvalue
 from agent.testing import log_batch, log_record, span, trace_batch
 
 
@@ -32,3 +38,27 @@ def test_ml_attributes_merge_resource_under_span() -> None:
                     resource={"service.name": "s", "ml.model.name": "m", "ml.model.version": "v1"})
     assert b.columns.ml == [{"ml.model.name": "m", "ml.model.version": "v2",
                              "ml.prediction.score": 0.5}]
+
+
+attr_values = hs.one_of(
+    hs.none(), hs.booleans(), hs.integers(-(2**63), 2**63 - 1), hs.floats(), hs.text(max_size=8),
+    hs.binary(max_size=4), hs.lists(hs.floats(), max_size=2),
+    hs.dictionaries(hs.text(max_size=2), hs.integers(0, 9), max_size=2))
+attr_keys = hs.sampled_from(["ml.prediction.label", "ml.prediction.score", "ml.feature.a",
+                             "ml.model.name", "ml.", "ml.f", "gen_ai.request.model", "other"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(hs.lists(hs.tuples(attr_keys, attr_values), max_size=8))
+def test_ml_attributes_reads_what_the_general_conversion_reads(pairs: list[tuple[str, Any]]) -> None:
+    attrs = []
+    for k, v in pairs:
+        kv = KeyValue(key=k)
+        python_to_anyvalue(v, kv.value)
+        attrs.append(kv)
+    fast = ml_attributes(attrs)
+    general = {kv.key: anyvalue_to_python(kv.value) for kv in attrs
+               if kv.key.startswith("ml.") or kv.key == "gen_ai.request.model"}
+    assert fast.keys() == general.keys()
+    for k, v in general.items():  # NaN != NaN: compare representations
+        assert repr(fast[k]) == repr(v) and type(fast[k]) is type(v)

@@ -11,9 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as hs
-from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 
 from agent.component import Kind, Signal
 from agent.connectors.drift import DriftConfig, DriftConnector
@@ -21,10 +18,9 @@ from agent.connectors.drift.sampling import (
     ADAPT_INTERVAL_S,
     MAX_RISE,
     AdaptiveSampler,
-    item_ml_attributes,
     read_sample,
 )
-from agent.pdata import TraceBatch, attributes_to_dict, ml_attributes, python_to_anyvalue
+from agent.pdata import TraceBatch, attributes_to_dict
 from agent.telemetry import Telemetry
 from agent.testing import Sink, make_host, settings_for, span, trace_batch
 
@@ -312,23 +308,3 @@ def test_bernoulli_sampling_is_uniform_over_positions() -> None:
 # --------------------------------------------------------------------------- the fast reader
 
 
-attr_values = hs.one_of(
-    hs.none(), hs.booleans(), hs.integers(-(2**63), 2**63 - 1), hs.floats(), hs.text(max_size=8),
-    hs.binary(max_size=4), hs.lists(hs.floats(), max_size=2),
-    hs.dictionaries(hs.text(max_size=2), hs.integers(0, 9), max_size=2))
-attr_keys = hs.sampled_from(["ml.prediction.label", "ml.prediction.score", "ml.feature.a",
-                             "ml.model.name", "ml.", "ml.f", "gen_ai.request.model", "other"])
-
-
-@settings(max_examples=200, deadline=None)
-@given(hs.lists(hs.tuples(attr_keys, attr_values), max_size=8))
-def test_fast_reader_reads_what_the_general_one_reads(pairs: list[tuple[str, Any]]) -> None:
-    attrs = []
-    for k, v in pairs:
-        kv = KeyValue(key=k)
-        python_to_anyvalue(v, kv.value)
-        attrs.append(kv)
-    fast, general = item_ml_attributes(attrs), ml_attributes(attrs)
-    assert fast.keys() == general.keys()
-    for k, v in general.items():  # NaN != NaN: compare representations
-        assert repr(fast[k]) == repr(v) and type(fast[k]) is type(v)

@@ -364,16 +364,17 @@ class DriftConnector:
         attrs = subj.key.attributes()
         service = subj.key.service
         out.gauge(service, "mlagent.prediction.count", attrs, subj.count,
-                  "Predictions seen in the window (estimated from the sample when sampling).")
+                  "Predictions seen in the window (estimated from the sample when sampling).",
+                  unit="{prediction}")
         if subj.count:
             out.gauge(service, "mlagent.drift.sample_rate", attrs, subj.examined / subj.count,
                       "Share of the window's predictions examined; the statistics are "
-                      "computed on these.")
+                      "computed on these.", unit="1")
         if subj.baseline is not None:
             out.gauge(service, "mlagent.drift.insufficient_data", attrs, 1, _INSUFFICIENT_DOC)
             out.gauge(service, "mlagent.drift.baseline.progress", attrs,
                       subj.baseline.n / self.cfg.baseline_size,
-                      "Share of the automatic baseline collected so far.")
+                      "Share of the automatic baseline collected so far.", unit="1")
             return
         win = subj.window
         if win is None or subj.ref is None:
@@ -551,9 +552,9 @@ def _descriptive(out: _MetricsOut, service: str | None, attrs: dict[str, str], s
     if side.score_moments is not None and side.low is not None:
         mean, var, n = side.score_moments
         out.gauge(service, "mlagent.prediction.score.mean", attrs, mean,
-                  "Mean prediction score in the window.")
+                  "Mean prediction score in the window.", unit="1")
         out.gauge(service, "mlagent.prediction.score.low_fraction", attrs, side.low[0] / n,
-                  "Share of predictions below the low-confidence cut.")
+                  "Share of predictions below the low-confidence cut.", unit="1")
         out.gauge(service, "mlagent.prediction.score.entropy", attrs, side.score_entropy,
                   "Mean binary entropy of the scores, bits.", unit="bit")
     if side.label is not None and side.label.sum():
@@ -584,7 +585,7 @@ def _verdicts(out: _MetricsOut, service: str | None, attrs: dict[str, str], ev: 
         for stat, value in st.items():
             if math.isfinite(value):  # e.g. Wasserstein / std of a constant reference
                 name, doc = _STAT_METRICS[stat]
-                out.gauge(service, name, a, value, doc)
+                out.gauge(service, name, a, value, doc, unit="1" if stat == "unseen_share" else "")
     for kind, detected in ev.detected.items():
         a = {**attrs, "kind": kind}
         out.gauge(service, "mlagent.drift.detected", a, int(detected),
@@ -603,7 +604,9 @@ class _MetricsOut:
         self._sums: dict[str | None, list[Any]] = {}
 
     def gauge(self, service: str | None, name: str, attrs: Mapping[str, Any], value: float,
-              doc: str, unit: str = "1") -> None:
+              doc: str, unit: str = "") -> None:
+        # No unit by default: statistics (PSI, p-values, flags) are not ratios, and a
+        # "1" unit would make Prometheus names end in "_ratio".
         self._gauges.setdefault((service, name), (doc, unit, []))[2].append((attrs, value))
 
     def histogram(self, service: str | None, attrs: Mapping[str, Any], edges: np.ndarray,

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.component import Signal
-from agent.pdata import GENAI_MODEL, Batch, anyvalue_to_python, ml_attributes, service_name
+from agent.pdata import Batch, ml_attributes, service_name
 
 # A sampled service's rate is re-estimated from the volume of the last second
 # (connector's clock); the services are looked at this often for it.
@@ -57,7 +57,6 @@ CHECK_INTERVAL_S = 0.1
 MAX_RISE = 4.0
 MIN_RATE = 1e-9
 
-_SCORE = "ml.prediction.score"
 
 
 class ServiceRate:
@@ -218,28 +217,10 @@ def read_sample(batch: Batch, sampler: AdaptiveSampler, rng: random.Random) -> S
             for item in chosen:
                 if base is None:
                     base = ml_attributes(res.resource.attributes)
-                own = item_ml_attributes(item.attributes)
+                own = ml_attributes(item.attributes)
                 ml.append({**base, **own} if base else own)
                 ridx.append(r)
                 items.append(item)
     return out
 
 
-def item_ml_attributes(attrs: Any) -> dict[str, Any]:
-    """The ``ml.*`` attributes (and ``gen_ai.request.model``) of one item.
-
-    The same values as ``agent.pdata.ml_attributes``, cheaper: a key is skipped on
-    a 3-character slice, and a value is read from the field its key usually has
-    (a double for scores and features, a string otherwise), which is one field read
-    instead of ``WhichOneof`` and ``getattr``. A value that is not there (another
-    type, or a zero / empty one) falls back to the general conversion.
-    """
-    out: dict[str, Any] = {}
-    for kv in attrs:
-        k = kv.key
-        if k[:3] == "ml." or k == GENAI_MODEL:
-            v = kv.value
-            # "ml.f..." is the ml.feature. prefix: the one check that separates it cheaply.
-            x = v.double_value if (k[3:4] == "f" or k == _SCORE) else v.string_value
-            out[k] = x or anyvalue_to_python(v)
-    return out

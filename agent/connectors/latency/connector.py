@@ -379,8 +379,8 @@ class LatencyConnector:
 
         # Copy out, as columns, what trace analysis needs — for the sampled traces
         # only, chosen before any per-span Python work.
-        key, tw = trace_keys(cols.trace_id)
-        keep = sample_mask(key, self._cfg.trace_sample_rate)
+        tkey, tw = trace_keys(cols.trace_id)
+        keep = sample_mask(tkey, self._cfg.trace_sample_rate)
         span_ids, parent_ids = cols.span_id, cols.parent_span_id
         if keep is not None:
             n_kept = int(np.count_nonzero(keep))
@@ -390,7 +390,7 @@ class LatencyConnector:
                 return
             span_ids = list(compress(span_ids, keep.tolist()))
             parent_ids = list(compress(parent_ids, keep.tolist()))
-            key, tw, inverse = key[keep], tw[keep], inverse[keep]
+            tkey, tw, inverse = tkey[keep], tw[keep], inverse[keep]
             kind, status, start, end = kind[keep], status[keep], start[keep], end[keep]
             arrived = arrived[keep]
         stage = stage_u[inverse]
@@ -400,7 +400,7 @@ class LatencyConnector:
         pw, plen = id_words(parent_ids, 8)
         pid = pw[:, 0]
         pid[(plen != 0) & (plen != 8)] = INVALID_PARENT
-        spans = Spans(key=key, trace_id=tw, sid=sw[:, 0], pid=pid, op=op_u[inverse],
+        spans = Spans(key=tkey, trace_id=tw, sid=sw[:, 0], pid=pid, op=op_u[inverse],
                       svc=svc_u[inverse], stage=stage, kind=kind.astype(np.int8),
                       status=status.astype(np.int8), start=start, end=end)
         result = self._buffer.add(spans, arrived)
