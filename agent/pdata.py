@@ -3,8 +3,9 @@
 A batch wraps the protobuf request it arrived as (``ExportTraceServiceRequest`` and
 friends). Decode once at the edge, encode once at the edge. Fields the windowed
 connectors need are extracted once per batch into columns (``TraceBatch.columns``),
-cached on the batch and shared by every reader; a component that mutates the batch
-must call ``invalidate()`` afterwards.
+cached on the batch and shared by every reader, as are the bytes it was received as
+(``to_bytes``); a component that mutates the batch must call ``invalidate()``
+afterwards, or exporters would send the batch as it was before.
 """
 
 from __future__ import annotations
@@ -156,19 +157,27 @@ class Batch:
     signal: ClassVar[Signal]
     message_type: ClassVar[type]
 
-    def __init__(self, request: Any = None, *, byte_size: int | None = None) -> None:
+    def __init__(self, request: Any = None, *, byte_size: int | None = None,
+                 raw: bytes | None = None) -> None:
         self.request = request if request is not None else self.message_type()
         self._byte_size = byte_size
+        # The bytes the request was parsed from, while it is unchanged: an exporter or a
+        # persistent queue sends or stores them instead of serialising again.
+        self._raw = raw
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Batch:
         """Parse a serialised request (raises ``google.protobuf.message.DecodeError``)."""
         msg = cls.message_type()
         msg.ParseFromString(data)
-        return cls(msg, byte_size=len(data))
+        raw = data if isinstance(data, bytes) else bytes(data)
+        return cls(msg, byte_size=len(raw), raw=raw)
 
     def to_bytes(self) -> bytes:
-        return self.request.SerializeToString()
+        """The serialised request: the received bytes while the batch is unchanged."""
+        if self._raw is None:
+            self._raw = self.request.SerializeToString()
+        return self._raw
 
     @property
     def byte_size(self) -> int:
@@ -189,21 +198,113 @@ class Batch:
         """A deep copy, for a consumer that mutates while others read."""
         msg = self.message_type()
         msg.CopyFrom(self.request)
-        return type(self)(msg, byte_size=self._byte_size)
+        return type(self)(msg, byte_size=self._byte_size, raw=self._raw)
 
     def invalidate(self) -> None:
-        """Forget cached columns and size after a mutation."""
+        """Forget cached columns, size and bytes after a mutation. Every mutation must
+        call it: until then ``to_bytes`` returns what the batch was before."""
         self._byte_size = None
+        self._raw = None
         for name in ("columns", "item_count_cached"):
             self.__dict__.pop(name, None)
 
     def extend(self, other: Batch) -> None:
         """Append ``other``'s resources to this batch (the batch processor merges)."""
+        # A request is one repeated field, so the concatenated encodings encode the
+        # merged request: no serialisation later.
+        raw = (self._raw + other._raw
+               if self._raw is not None and other._raw is not None else None)
         self.resources().extend(other.resources())
         self.invalidate()
+        if raw is not None:
+            self._raw = raw
+            self._byte_size = len(raw)
+
+    def resources_replaced(self, new: list[bytes | None]) -> None:
+        """Say that only resources changed: ``new[i]`` is the i-th resource's new
+        encoding (None: unchanged). Like ``invalidate``, but the received bytes are kept
+        with those resources spliced in, so the batch is not serialised again."""
+        raw = self._raw
+        self.invalidate()
+        if raw is not None:
+            self._raw = splice_resources(raw, new) if any(n is not None for n in new) else raw
+            self._byte_size = len(self._raw)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} items={self.item_count} bytes={self.byte_size}>"
+
+
+# --------------------------------------------------------------------------- wire splicing
+# Every Export*ServiceRequest is one repeated field 1 (Resource{Spans,Metrics,Logs}) whose
+# own field 1 is the Resource. Replacing a resource in the encoded request only needs
+# the top-level framing walked, a few varints per resource, not the items re-encoded.
+
+_RESOURCE_TAG = 0x0A  # field 1, length-delimited
+
+
+def _read_varint(buf: Any, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field_end(buf: Any, pos: int, tag: int) -> int:
+    wire = tag & 7
+    if wire == 2:
+        length, pos = _read_varint(buf, pos)
+        return pos + length
+    if wire == 0:
+        return _read_varint(buf, pos)[1]
+    if wire == 1:
+        return pos + 8
+    if wire == 5:
+        return pos + 4
+    raise ValueError(f"unsupported wire type {wire}")
+
+
+def splice_resources(raw: bytes, new: list[bytes | None]) -> bytes:
+    """``raw`` (an encoded export request) with its i-th Resource replaced by ``new[i]``."""
+    mv = memoryview(raw)
+    out: list[Any] = []
+    pos, i, n = 0, 0, len(raw)
+    while pos < n:
+        tag, body_start = _read_varint(mv, pos)
+        end = _field_end(mv, body_start, tag)
+        if tag != _RESOURCE_TAG or i >= len(new) or new[i] is None:
+            out.append(mv[pos:end])
+        else:
+            _, start = _read_varint(mv, body_start)
+            parts: list[Any] = [bytes([_RESOURCE_TAG]), _varint(len(new[i])), new[i]]  # type: ignore[arg-type]
+            p = start
+            while p < end:  # every field but the old resource, as it was
+                t, q = _read_varint(mv, p)
+                e = _field_end(mv, q, t)
+                if t != _RESOURCE_TAG:
+                    parts.append(mv[p:e])
+                p = e
+            inner = b"".join(parts)
+            out.append(bytes([_RESOURCE_TAG]) + _varint(len(inner)) + inner)
+        if tag == _RESOURCE_TAG:
+            i += 1
+        pos = end
+    return b"".join(out)
 
 
 class TraceBatch(Batch):

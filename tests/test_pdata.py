@@ -62,3 +62,46 @@ def test_ml_attributes_reads_what_the_general_conversion_reads(pairs: list[tuple
     assert fast.keys() == general.keys()
     for k, v in general.items():  # NaN != NaN: compare representations
         assert repr(fast[k]) == repr(v) and type(fast[k]) is type(v)
+
+
+def test_received_bytes_are_reused_until_a_mutation() -> None:
+    from agent.pdata import TraceBatch
+
+    original = trace_batch({"a": [span("x")]})
+    data = original.to_bytes()
+    b = TraceBatch.from_bytes(data)
+    assert b.to_bytes() is data  # no second serialisation
+    assert b.copy().to_bytes() is data
+    b.request.resource_spans[0].scope_spans[0].spans[0].name = "renamed"
+    b.invalidate()
+    assert TraceBatch.from_bytes(b.to_bytes()).columns.name == ["renamed"]
+
+
+def test_merged_batches_encode_as_the_concatenated_requests() -> None:
+    from agent.pdata import TraceBatch
+
+    a = TraceBatch.from_bytes(trace_batch({"a": [span("x")]}).to_bytes())
+    b = TraceBatch.from_bytes(trace_batch({"b": [span("y", span_id=b"\x03" * 8)]}).to_bytes())
+    a.extend(b)
+    assert a.to_bytes() == a.request.SerializeToString()
+    assert a.byte_size == len(a.to_bytes()) and a.columns.service == ["a", "b"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(hs.lists(hs.tuples(hs.integers(0, 3), hs.booleans()), min_size=1, max_size=5))
+def test_spliced_resources_encode_the_mutated_request(shape: list[tuple[int, bool]]) -> None:
+    """Replacing resources in the received bytes gives exactly the mutated request."""
+    from agent.pdata import TraceBatch, set_attribute
+
+    groups = {f"svc{i}": [span(f"op{j}", span_id=bytes([i, j, 1, 1, 1, 1, 1, 1]))
+                          for j in range(n)] for i, (n, _) in enumerate(shape)}
+    b = TraceBatch.from_bytes(trace_batch(groups).to_bytes())
+    new: list[bytes | None] = []
+    for rs, (_, change) in zip(b.request.resource_spans, shape, strict=True):
+        if change:
+            set_attribute(rs.resource.attributes, "host.name", "h" * 200)  # grows the length
+            new.append(rs.resource.SerializeToString())
+        else:
+            new.append(None)
+    b.resources_replaced(new)
+    assert TraceBatch.from_bytes(b.to_bytes()).request == b.request

@@ -499,3 +499,28 @@ exporters = ["file"]
 
     _wait_for(our_process, "metrics of the sending process", agent)
     assert agent.stop() == 0
+
+
+async def test_encoded_output_matches_the_enriched_request(tmp_path) -> None:
+    """Enrich splices changed resources into the received bytes; what an exporter
+    sends must decode to exactly the enriched request."""
+    from agent.component import Kind, Signal
+    from agent.config import decode_dataclass
+    from agent.pdata import TraceBatch
+    from agent.processors.enrich import factory
+    from agent.testing import Sink, make_host, settings_for, span, trace_batch
+
+    errors: list[str] = []
+    cfg = decode_dataclass(factory.config_class, {"model_versions": {"b": "v9"}}, "e", errors)
+    sink = Sink()
+    p = factory.create(settings_for("enrich", Kind.PROCESSOR), cfg, {Signal.TRACES: sink})
+    await p.start(make_host(tmp_path))
+    try:
+        raw = trace_batch({"a": [span("x")], "b": [span("y", span_id=b"\x05" * 8)]},
+                          resource={"host.name": "sender-set"}).to_bytes()
+        await p.consume(TraceBatch.from_bytes(raw))
+    finally:
+        await p.shutdown()
+    (out,) = sink.batches
+    assert out.to_bytes() != raw
+    assert TraceBatch.from_bytes(out.to_bytes()).request == out.request

@@ -164,17 +164,25 @@ class EnrichProcessor:
 
     async def consume(self, batch: Batch) -> None:
         try:
-            self.enrich(batch)
+            resources = self.enrich(batch)
         except Exception as e:
             # A bug here must not lose data: the batch goes on, possibly half-enriched.
             self.telemetry.error("enrichment failed; batch forwarded as is", error=repr(e))
-        batch.invalidate()
+            resources = None
+        if resources is None:
+            batch.invalidate()
+        else:  # only resources changed: the received bytes stay, resources spliced in
+            batch.resources_replaced(resources)
         await self.next.consume(batch)
 
     # ------------------------------------------------------------------ enrichment
 
-    def enrich(self, batch: Batch) -> None:
-        """Enrich ``batch`` in place (does not call ``invalidate``)."""
+    def enrich(self, batch: Batch) -> list[bytes | None] | None:
+        """Enrich ``batch`` in place (does not call ``invalidate``).
+
+        Returns each resource's new encoding (None where unchanged) when nothing but
+        resources changed, else None (items were written too).
+        """
         reading = self.snapshot.latest if (self.snapshot and self.config.hardware) else None
         entries = self.manifest.entries if self.manifest is not None else None
         if reading is not self._plans_reading or entries is not self._plans_entries:
@@ -182,23 +190,34 @@ class EnrichProcessor:
             self._plans.clear()
             self._plans_reading, self._plans_entries = reading, entries
         now = time.monotonic()
+        new: list[bytes | None] = []
+        items_touched = False
         if isinstance(batch, TraceBatch):
             for rs in batch.request.resource_spans:
-                self._resource(rs.resource, rs.scope_spans, "spans", reading, now)
+                res, touched = self._resource(rs.resource, rs.scope_spans, "spans", reading, now)
+                new.append(res)
+                items_touched |= touched
         elif isinstance(batch, LogBatch):
             for rl in batch.request.resource_logs:
                 self._resource(rl.resource, rl.scope_logs, "log_records", reading, now)
                 if self.config.correlate_logs:
                     self._correlate(rl.scope_logs)
+            items_touched = True  # correlation may have written records
         else:
             for rm in batch.resources():
                 # Metrics: no per-point versions and no hardware (the host receiver
                 # reports it as series; changing resource attributes would churn them).
-                self._resource(rm.resource, None, "", None, now)
+                res, _ = self._resource(rm.resource, None, "", None, now)
+                new.append(res)
+        return None if items_touched else new
 
     def _resource(self, resource: Any, scopes: Any, field: str, reading: HostReading | None,
-                  now: float) -> None:
-        """Enrich one resource (and, where its service versions items, its items)."""
+                  now: float) -> tuple[bytes | None, bool]:
+        """Enrich one resource (and, where its service versions items, its items).
+
+        Returns the resource's new encoding (None if unchanged) and whether items may
+        have been written.
+        """
         # Senders repeat the same resource in every batch: its serialised form keys a
         # plan holding the enriched resource, so the common case is one dict lookup
         # and one parse instead of a Python pass over the attributes.
@@ -209,11 +228,17 @@ class EnrichProcessor:
             if len(self._plans) >= PLAN_CACHE_SIZE:
                 self._plans.clear()
             self._plans[key] = plan
-        if plan.version is not None and not self._version_on_items(
-                scopes, field, plan.service, plan.version, now):
-            resource.ParseFromString(plan.versioned)
-        elif plan.enriched != key:
+        items_touched = False
+        if plan.version is not None:
+            items_touched = self._version_on_items(scopes, field, plan.service, plan.version,
+                                                   now)
+            if not items_touched:
+                resource.ParseFromString(plan.versioned)
+                return plan.versioned, False
+        if plan.enriched != key:
             resource.ParseFromString(plan.enriched)
+            return plan.enriched, items_touched
+        return None, items_touched
 
     def _plan(self, original: Any, metrics: bool, reading: HostReading | None) -> _Plan:
         """Work out what enrichment does to a resource (the slow path, once per resource)."""
