@@ -159,11 +159,20 @@ class Batch:
 
     def __init__(self, request: Any = None, *, byte_size: int | None = None,
                  raw: bytes | None = None) -> None:
-        self.request = request if request is not None else self.message_type()
+        self._request = request if request is not None or raw is not None else self.message_type()
         self._byte_size = byte_size
         # The bytes the request was parsed from, while it is unchanged: an exporter or a
         # persistent queue sends or stores them instead of serialising again.
         self._raw = raw
+
+    @property
+    def request(self) -> Any:
+        """The protobuf request. A merged batch parses its bytes only when read."""
+        if self._request is None:
+            msg = self.message_type()
+            msg.ParseFromString(self._raw)
+            self._request = msg
+        return self._request
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Batch:
@@ -210,15 +219,20 @@ class Batch:
 
     def extend(self, other: Batch) -> None:
         """Append ``other``'s resources to this batch (the batch processor merges)."""
-        # A request is one repeated field, so the concatenated encodings encode the
-        # merged request: no serialisation later.
-        raw = (self._raw + other._raw
-               if self._raw is not None and other._raw is not None else None)
-        self.resources().extend(other.resources())
-        self.invalidate()
-        if raw is not None:
+        if self._raw is not None and other._raw is not None:
+            # A request is one repeated field, so the concatenated encodings encode the
+            # merged request. Copying protobuf messages would cost as much as parsing;
+            # exporters and queues only need the bytes, so parse only if one reads it.
+            items = self.item_count + other.item_count
+            raw = self._raw + other._raw
+            self.invalidate()
+            self._request = None
             self._raw = raw
             self._byte_size = len(raw)
+            self.__dict__["item_count_cached"] = items
+            return
+        self.resources().extend(other.resources())
+        self.invalidate()
 
     def resources_replaced(self, new: list[bytes | None]) -> None:
         """Say that only resources changed: ``new[i]`` is the i-th resource's new

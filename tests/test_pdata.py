@@ -83,6 +83,7 @@ def test_merged_batches_encode_as_the_concatenated_requests() -> None:
     a = TraceBatch.from_bytes(trace_batch({"a": [span("x")]}).to_bytes())
     b = TraceBatch.from_bytes(trace_batch({"b": [span("y", span_id=b"\x03" * 8)]}).to_bytes())
     a.extend(b)
+    assert a.item_count == 2 and a._request is None  # merged without parsing or copying
     assert a.to_bytes() == a.request.SerializeToString()
     assert a.byte_size == len(a.to_bytes()) and a.columns.service == ["a", "b"]
 
