@@ -38,10 +38,10 @@ from agent.component import (
     Host,
     Kind,
     PermanentError,
-    RetryableError,
     Settings,
     Signal,
     Status,
+    emit,
 )
 from agent.connectors.drift import stats
 from agent.connectors.drift.compare import Evaluation, Pending, Side, Window, compare
@@ -476,14 +476,10 @@ class DriftConnector:
         return batch
 
     async def _send(self, consumer: Consumer | None, batch: Batch | None, signal: Signal) -> None:
-        if batch is None or consumer is None:
-            return
-        try:
-            await consumer.consume(batch)
-        except (PermanentError, RetryableError) as e:
-            # A window's output is not retried: the next window supersedes the gauges
-            # and the cumulative histograms carry the counts forward.
-            self.telemetry.dropped(signal, batch.item_count, "downstream_refused", e)
+        # A window's output is not retried: the next window supersedes the gauges and
+        # the cumulative histograms carry the counts forward.
+        if batch is not None and consumer is not None:
+            await emit(consumer, batch, self.telemetry)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -40,9 +40,9 @@ from agent.component import (
     Consumer,
     Host,
     PermanentError,
-    PipelineError,
     Settings,
     Signal,
+    emit,
 )
 from agent.connectors.latency.analysis import Analysis, analyze
 from agent.connectors.latency.assembly import TraceBuffer
@@ -664,15 +664,8 @@ class LatencyConnector:
         sm = rm.scope_metrics.add()
         sm.scope.name = SCOPE
         sm.metrics.extend(metrics)
-        n = batch.item_count
-        try:
-            await self._next.consume(batch)
-        except PipelineError as e:
-            self._tel.dropped(Signal.METRICS, n, "downstream_refused", error=e)
-        except Exception as e:  # a downstream bug must not take the connector with it
-            self._tel.dropped(Signal.METRICS, n, "downstream_error", error=repr(e))
-        else:
-            self._tel.sent(Signal.METRICS, n)
+        if await emit(self._next, batch, self._tel):
+            self._tel.sent(Signal.METRICS, batch.item_count)
 
 
 def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
