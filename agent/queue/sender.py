@@ -373,12 +373,14 @@ class QueuedSender:
         Raises ``sqlite3.Error`` when the file cannot be read.
         """
         assert self._store is not None and entry.row_id is not None
-        data = await self._store.load(entry.row_id)
-        if data is None:
-            return None  # deleted meanwhile: nothing to deliver
         try:
+            data = await self._store.load(entry.row_id)
+            if data is None:
+                return None  # deleted meanwhile: nothing to deliver
             return self._decode(entry.signal, data)
-        except Exception as e:  # DecodeError, or whatever a custom decoder raises
+        except sqlite3.Error:
+            raise
+        except Exception as e:  # a damaged row, DecodeError, or a custom decoder's error
             self.tel.dropped(entry.signal, entry.items, "corrupt", e)
             return None
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cramjam
+
 from agent.telemetry import ComponentTelemetry
 
 _SCHEMA = """
@@ -37,8 +39,31 @@ CREATE TABLE IF NOT EXISTS batches (
     signal   TEXT    NOT NULL,
     items    INTEGER NOT NULL,
     enqueued REAL    NOT NULL,     -- Unix time, for the oldest-age gauge
-    data     BLOB    NOT NULL      -- the serialised OTLP request
+    size     INTEGER NOT NULL,     -- bytes of the serialised request
+    codec    INTEGER NOT NULL,     -- 0: data is the request; 1: LZ4 block of it
+    data     BLOB    NOT NULL
 )"""
+
+# Rows are LZ4-compressed on the store's thread: OTLP requests shrink 4-5x (repeated
+# keys and resources), which cuts what SQLite copies into the WAL and the database.
+_CODEC_RAW, _CODEC_LZ4 = 0, 1
+
+
+def _encode(data: bytes) -> tuple[int, bytes]:
+    packed = bytes(cramjam.lz4.compress_block(data))
+    return (_CODEC_LZ4, packed) if len(packed) < len(data) else (_CODEC_RAW, data)
+
+
+def _decode(codec: int, data: bytes) -> bytes:
+    """The stored request; ``ValueError`` when the row cannot be decompressed."""
+    if codec == _CODEC_RAW:
+        return bytes(data)
+    if codec != _CODEC_LZ4:
+        raise ValueError(f"unknown row codec {codec}")
+    try:
+        return bytes(cramjam.lz4.decompress_block(data))
+    except Exception as e:  # cramjam's DecompressionError: the row is damaged
+        raise ValueError(f"damaged compressed row: {e}") from e
 
 # SQLite primary result codes that mean "this file cannot be trusted".
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
@@ -260,7 +285,7 @@ class SqliteStore:
             if check != [("ok",)]:
                 raise sqlite3.DatabaseError(f"integrity check failed: {check[:3]}")
             con.execute(_SCHEMA)
-            rows = con.execute("SELECT id, signal, items, length(data), enqueued "
+            rows = con.execute("SELECT id, signal, items, size, enqueued "
                                "FROM batches ORDER BY id").fetchall()
         except BaseException:
             con.close()
@@ -299,12 +324,12 @@ class SqliteStore:
                 delete_error = e
         if rows:
             params: list[object] = []
-            for i, row in enumerate(rows):
-                params.append(first_id + i)
-                params.extend(row)
+            for i, (signal, items, enqueued, data) in enumerate(rows):
+                codec, stored = _encode(data)
+                params.extend((first_id + i, signal, items, enqueued, len(data), codec, stored))
             try:
-                con.execute("INSERT INTO batches (id, signal, items, enqueued, data) VALUES "
-                            + ",".join(["(?,?,?,?,?)"] * len(rows)), params)
+                con.execute("INSERT INTO batches (id, signal, items, enqueued, size, codec, data) "
+                            "VALUES " + ",".join(["(?,?,?,?,?,?,?)"] * len(rows)), params)
             except sqlite3.Error as e:
                 append_error = e
         return append_error, delete_error
@@ -322,8 +347,9 @@ class SqliteStore:
 
     def _load(self, row_id: int) -> bytes | None:
         assert self._con is not None
-        row = self._con.execute("SELECT data FROM batches WHERE id = ?", (row_id,)).fetchone()
-        return None if row is None else bytes(row[0])
+        row = self._con.execute("SELECT codec, data FROM batches WHERE id = ?",
+                                (row_id,)).fetchone()
+        return None if row is None else _decode(row[0], row[1])
 
     def _close(self) -> None:
         if self._con is not None:

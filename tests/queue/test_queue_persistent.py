@@ -123,6 +123,27 @@ async def test_corrupt_queue_file_is_quarantined_and_a_fresh_queue_starts(tmp_pa
     assert moved[0].read_bytes() == garbage  # kept for a post-mortem
 
 
+async def test_rows_are_stored_compressed_and_restored_intact(tmp_path):
+    down = Backend()
+    down.down = True
+    sender, _ = make_sender(down)
+    await sender.start(make_host(tmp_path))
+    original = batch("big", spans=200)
+    await sender.put(original)
+    await sender.shutdown(deadline=0.05)
+    con = sqlite3.connect(db_path(tmp_path))
+    ((codec, size, stored),) = con.execute("SELECT codec, size, length(data) FROM batches")
+    con.close()
+    assert codec == 1 and size == len(original.to_bytes()) and stored < size / 2
+
+    up = Backend()
+    sender, _ = make_sender(up)
+    await sender.start(make_host(tmp_path))
+    await up.wait_for(1)
+    await sender.shutdown()
+    assert up.received[0].to_bytes() == original.to_bytes()
+
+
 async def test_unreadable_row_is_dropped_and_counted_and_the_rest_delivered(tmp_path):
     down = Backend()
     down.down = True
@@ -133,6 +154,7 @@ async def test_unreadable_row_is_dropped_and_counted_and_the_rest_delivered(tmp_
     await sender.shutdown(deadline=0.05)
     con = sqlite3.connect(db_path(tmp_path))
     with con:
+        # Damaged on disk: not a valid compressed block any more.
         con.execute("UPDATE batches SET data = x'ffffffff' WHERE id = (SELECT min(id) FROM batches)")
     con.close()
 
