@@ -19,6 +19,7 @@ accepted (it is dropped and counted by whoever raised it).
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import enum
 from collections.abc import Callable, Mapping
@@ -193,6 +194,19 @@ class ComponentFactory:
 
     def create(self, settings: Settings, config: Any, next: Mapping[Signal, Consumer]) -> Any:
         return self.make(settings, config, next)
+
+
+async def cancel_tasks(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel background tasks a component owns and wait until they ended (None: skipped).
+
+    Their errors are dropped (a timer's failures were counted as they happened); a
+    cancellation of the caller itself still propagates.
+    """
+    live = [t for t in tasks if t is not None]
+    for t in live:
+        t.cancel()
+    if live:
+        await asyncio.gather(*live, return_exceptions=True)
 
 
 async def emit(next: Consumer, batch: Batch, telemetry: ComponentTelemetry) -> bool:

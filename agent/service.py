@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.component import Host, Kind
+from agent.component import Host, Kind, cancel_tasks
 from agent.config import AgentConfig, ConfigError, load_config, load_config_file, split_endpoint
 from agent.graph import Graph, StartError
 from agent.registry import factories
@@ -205,9 +205,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: log(logging.INFO, "already stopping"))
         async with self._swap:
-            for t in self._tasks:
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_tasks(*self._tasks)
         cancelled = await self._stop_all()
         log(logging.INFO, "stopped", cancelled=cancelled)
         return 0

@@ -19,7 +19,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from agent.component import Host, PermanentError, PipelineError, RetryableError, Settings, Signal
+from agent.component import (
+    Host,
+    PermanentError,
+    PipelineError,
+    RetryableError,
+    Settings,
+    Signal,
+    cancel_tasks,
+)
 from agent.pdata import Batch, batch_from_bytes
 from agent.queue.config import QueueConfig, RetryConfig
 from agent.queue.memory import MemoryAccountant
@@ -180,9 +188,7 @@ class QueuedSender:
             await asyncio.shield(self._teardown())
 
     async def _teardown(self) -> None:
-        for w in self._workers:
-            w.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await cancel_tasks(*self._workers)
         self._workers = []
         for signal, live in self._live.items():
             if not live:

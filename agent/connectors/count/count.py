@@ -23,6 +23,7 @@ from agent.component import (
     Kind,
     Settings,
     Signal,
+    cancel_tasks,
     emit,
 )
 from agent.connectors.count.config import CountConfig
@@ -93,10 +94,9 @@ class CountConnector:
             await emit(self.next, batch, self.settings.telemetry)
 
     async def shutdown(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:  # started, and not yet stopped: flush the counts once
+            await cancel_tasks(task)
             await self.emit()
 
 

@@ -20,7 +20,6 @@ as dropped with a reason. The connector never keeps batches, only arrays and sum
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 import time
@@ -41,6 +40,7 @@ from agent.component import (
     Settings,
     Signal,
     Status,
+    cancel_tasks,
     emit,
 )
 from agent.connectors.drift import stats
@@ -204,11 +204,8 @@ class DriftConnector:
         if self._stopped:
             return
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_tasks(self._task)
+        self._task = None
         await self.evaluate_now()
 
     async def _run(self) -> None:

@@ -24,7 +24,6 @@ monotonic clock, so tests drive it without sleeping.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from agent.component import (
     PermanentError,
     Settings,
     Signal,
+    cancel_tasks,
     emit,
 )
 from agent.connectors.latency.analysis import Analysis, analyze
@@ -235,11 +235,8 @@ class LatencyConnector:
         if self._stopped:
             return
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_tasks(self._task)
+        self._task = None
         self._flush()
         self._analyse(self._buffer.drain())
         await self._close_window(self._clock())

@@ -14,12 +14,11 @@ time, ``interval`` seconds between evaluations).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 
 import aiohttp
 
-from agent.component import Capabilities, Host, Settings, Signal
+from agent.component import Capabilities, Host, Settings, Signal, cancel_tasks
 from agent.config import ConfigError
 from agent.exporters.alerts.config import (
     AlertmanagerConfig,
@@ -171,10 +170,8 @@ class AlertsExporter:
         if self._stopped:
             return
         self._stopped = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        await cancel_tasks(self._loop_task)
+        self._loop_task = None
         if self._started:
             await self._save(list(self.evaluator.table.values()))
         await asyncio.gather(*(n.shutdown(self.cfg.shutdown_timeout) for n in self.notifiers))

@@ -10,11 +10,10 @@ taken from each resource are kept rather than renamed to ``exported_job``...
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from aiohttp import web
 
-from agent.component import Capabilities, Host, Settings, Signal
+from agent.component import Capabilities, Host, Settings, Signal, cancel_tasks
 from agent.config import split_endpoint
 from agent.exporters.prometheus.config import PrometheusConfig
 from agent.exporters.prometheus.exposition import (
@@ -103,11 +102,8 @@ class PrometheusExporter:
 
     async def shutdown(self) -> None:
         """Stop serving. Idempotent; nothing is buffered, so nothing to flush."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await cancel_tasks(self._sweeper)
+        self._sweeper = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

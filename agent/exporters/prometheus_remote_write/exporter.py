@@ -30,7 +30,15 @@ from typing import Any
 import aiohttp
 import cramjam
 
-from agent.component import Capabilities, Host, PermanentError, RetryableError, Settings, Signal
+from agent.component import (
+    Capabilities,
+    Host,
+    PermanentError,
+    RetryableError,
+    Settings,
+    Signal,
+    cancel_tasks,
+)
 from agent.exporters.prometheus_remote_write.config import RemoteWriteConfig
 from agent.exporters.prometheus_remote_write.remote_pb2 import (
     Label,
@@ -275,10 +283,8 @@ class RemoteWriteExporter:
 
     async def shutdown(self) -> None:
         """Drain the shard queues (within their deadline) and close. Idempotent."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-            self._sweeper = None
+        await cancel_tasks(self._sweeper)
+        self._sweeper = None
         await asyncio.gather(*(s.shutdown() for s in self.senders))
         if self._session is not None:
             await self._session.close()

@@ -27,7 +27,6 @@ trace id are looked at.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import time
@@ -36,7 +35,7 @@ from typing import Any, NamedTuple
 
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
-from agent.component import Capabilities, Consumer, Host, Settings, Signal
+from agent.component import Capabilities, Consumer, Host, Settings, Signal, cancel_tasks
 from agent.hardware import HardwareSnapshot, HostReading, host_identity
 from agent.pdata import Batch, LogBatch, TraceBatch, anyvalue_to_python, python_to_anyvalue
 from agent.processors.enrich.config import EnrichConfig
@@ -157,10 +156,7 @@ class EnrichProcessor:
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_tasks(task)
 
     async def consume(self, batch: Batch) -> None:
         try:

@@ -23,6 +23,7 @@ from agent.component import (
     Settings,
     Signal,
     Status,
+    cancel_tasks,
 )
 from agent.pdata import Batch
 from agent.processors.memory_limiter.config import MemoryLimiterConfig
@@ -70,10 +71,8 @@ class MemoryLimiter:
 
     async def shutdown(self) -> None:
         """Stop sampling RSS. Idempotent; holds no data, so there is nothing to flush."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_tasks(self._task)
+        self._task = None
 
     async def consume(self, batch: Batch) -> None:
         """Refuse ``batch`` (``RetryableError``, counted) above a limit; else pass it on."""

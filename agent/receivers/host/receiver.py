@@ -29,6 +29,7 @@ from agent.component import (
     Host,
     Settings,
     Signal,
+    cancel_tasks,
     emit,
 )
 from agent.hardware import GpuReading, HardwareSnapshot, HostReading, host_identity
@@ -386,9 +387,6 @@ class HostReceiver:
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_tasks(task)
         # Waits for a sample still running in its thread (the sampler holds a lock).
         await asyncio.to_thread(self.gpu.close)

@@ -16,7 +16,16 @@ from typing import Any
 
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
-from agent.component import ComponentFactory, Consumer, Host, Kind, Settings, Signal, emit
+from agent.component import (
+    ComponentFactory,
+    Consumer,
+    Host,
+    Kind,
+    Settings,
+    Signal,
+    cancel_tasks,
+    emit,
+)
 from agent.config import Duration
 from agent.pdata import MetricBatch
 
@@ -91,10 +100,8 @@ class InternalReceiver:
             await emit(self.next, batch, self.settings.telemetry)
 
     async def shutdown(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_tasks(self._task)
+        self._task = None
 
 
 factory = ComponentFactory("internal", Kind.RECEIVER, InternalConfig, frozenset({Signal.METRICS}),

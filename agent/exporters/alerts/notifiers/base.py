@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from agent.component import PermanentError, RetryableError, Status
+from agent.component import PermanentError, RetryableError, Status, cancel_tasks
 from agent.exporters.alerts.config import NotifierConfig
 from agent.exporters.alerts.evaluator import Update
 from agent.httputil import parse_retry_after
@@ -160,8 +160,7 @@ class Channel:
         if self._task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._q.join(), deadline)
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_tasks(self._task)
             self._task = None
         left = 0
         while not self._q.empty():
