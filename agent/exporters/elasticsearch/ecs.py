@@ -33,6 +33,7 @@ import base64
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,47 +205,40 @@ def log_documents(batch: LogBatch, routing: Routing) -> list[Document]:
     cols = batch.columns
     stamps = timestamps(cols.time)
     severities = cols.severity.tolist()
-    router = _Router("logs", routing)
-    base = (routing.dataset, routing.namespace)
     docs: list[Document] = []
-    i = 0
-    for rl in batch.request.resource_logs:
-        rattrs = flatten(rl.resource.attributes)
-        rfields = resource_fields(rattrs)
-        rparts = router.parts(rattrs, base)
-        rbytes = rl.resource.SerializeToString(deterministic=True)
-        for sl in rl.scope_logs:
-            sparts = router.parts(flatten(sl.scope.attributes), rparts)
-            sbytes = sl.scope.SerializeToString(deterministic=True)
-            for rec in sl.log_records:
-                attrs = flatten(rec.attributes)
-                index, stream = router.stream(*router.parts(attrs, sparts))
-                doc: dict[str, Any] = {"@timestamp": stamps[i], "data_stream": stream,
-                                       "event": {"dataset": stream["dataset"]}, **rfields}
-                body = anyvalue_to_python(rec.body)
-                if body is not None:
-                    doc["message"] = body if isinstance(body, str) else dumps(body).decode()
-                log: dict[str, Any] = {}
-                level = rec.severity_text or (
-                    _LEVELS[(severities[i] - 1) // 4] if 1 <= severities[i] <= 24 else "")
-                if level:
-                    log["level"] = level
-                if sl.scope.name:
-                    log["logger"] = sl.scope.name
-                if log:
-                    doc["log"] = log
-                if severities[i]:
-                    doc["event"]["severity"] = severities[i]
-                if cols.trace_id[i]:
-                    doc["trace"] = {"id": cols.trace_id[i].hex()}
-                if cols.span_id[i]:
-                    doc["span"] = {"id": cols.span_id[i].hex()}
-                attrs = _strip_routing(attrs)
-                if attrs:
-                    doc["attributes"] = attrs
-                doc_id = _short_hash(rbytes, sbytes, rec.SerializeToString(deterministic=True))
-                docs.append(_item(index, doc_id, doc))
-                i += 1
+    scope: Any = None  # the scope whose encoded (resource, scope) prefix is `prefix`
+    prefix: tuple[bytes, bytes] = (b"", b"")
+    for i, (rl, rfields, sl, rec, attrs, index, stream) in enumerate(
+            _walk(batch.request.resource_logs, "scope_logs", "log_records",
+                  _Router("logs", routing), routing)):
+        doc: dict[str, Any] = {"@timestamp": stamps[i], "data_stream": stream,
+                               "event": {"dataset": stream["dataset"]}, **rfields}
+        body = anyvalue_to_python(rec.body)
+        if body is not None:
+            doc["message"] = body if isinstance(body, str) else dumps(body).decode()
+        log: dict[str, Any] = {}
+        level = rec.severity_text or (
+            _LEVELS[(severities[i] - 1) // 4] if 1 <= severities[i] <= 24 else "")
+        if level:
+            log["level"] = level
+        if sl.scope.name:
+            log["logger"] = sl.scope.name
+        if log:
+            doc["log"] = log
+        if severities[i]:
+            doc["event"]["severity"] = severities[i]
+        if cols.trace_id[i]:
+            doc["trace"] = {"id": cols.trace_id[i].hex()}
+        if cols.span_id[i]:
+            doc["span"] = {"id": cols.span_id[i].hex()}
+        if attrs:
+            doc["attributes"] = attrs
+        if sl is not scope:  # encoded once per scope, not per record
+            scope = sl
+            prefix = (rl.resource.SerializeToString(deterministic=True),
+                      sl.scope.SerializeToString(deterministic=True))
+        doc_id = _short_hash(*prefix, rec.SerializeToString(deterministic=True))
+        docs.append(_item(index, doc_id, doc))
     return docs
 
 
@@ -255,38 +249,49 @@ def span_documents(batch: TraceBatch, routing: Routing) -> list[Document]:
     durations = np.maximum(cols.end - cols.start, 0).tolist()
     kinds = cols.kind.tolist()
     codes = cols.status_code.tolist()
-    router = _Router("traces", routing)
-    base = (routing.dataset, routing.namespace)
     docs: list[Document] = []
-    i = 0
-    for rs in batch.request.resource_spans:
-        rattrs = flatten(rs.resource.attributes)
+    for i, (_rs, rfields, _ss, sp, attrs, index, stream) in enumerate(
+            _walk(batch.request.resource_spans, "scope_spans", "spans",
+                  _Router("traces", routing), routing)):
+        code = codes[i] if 0 <= codes[i] <= 2 else 0
+        span: dict[str, Any] = {
+            "id": cols.span_id[i].hex(), "name": cols.name[i],
+            "kind": _SPAN_KINDS[kinds[i]] if 0 <= kinds[i] < 6 else "unspecified",
+            "status": {"code": _STATUS_CODES[code]},
+        }
+        if sp.status.message:
+            span["status"]["message"] = sp.status.message
+        doc: dict[str, Any] = {
+            "@timestamp": stamps[i], "data_stream": stream,
+            "event": {"dataset": stream["dataset"], "duration": durations[i],
+                      "outcome": _OUTCOMES[code]},
+            "trace": {"id": cols.trace_id[i].hex()}, "span": span, **rfields,
+        }
+        if cols.parent_span_id[i]:
+            doc["parent"] = {"id": cols.parent_span_id[i].hex()}
+        if attrs:
+            doc["attributes"] = attrs
+        docs.append(_item(index, _short_hash(cols.trace_id[i], cols.span_id[i]), doc))
+    return docs
+
+
+def _walk(resources: Any, scopes_field: str, items_field: str, router: _Router,
+          routing: Routing) -> Iterator[tuple[Any, dict[str, Any], Any, Any, dict[str, Any],
+                                               str, dict[str, str]]]:
+    """Resource -> scope -> item, in batch order, with the routing of each level resolved.
+
+    Yields ``(resource_x, resource_fields, scope_x, item, attributes, index, stream)``:
+    the item's flattened attributes without the routing keys, and the data stream
+    (index name and ``data_stream`` fields) the item goes to.
+    """
+    base = (routing.dataset, routing.namespace)
+    for res in resources:
+        rattrs = flatten(res.resource.attributes)
         rfields = resource_fields(rattrs)
         rparts = router.parts(rattrs, base)
-        for ss in rs.scope_spans:
-            sparts = router.parts(flatten(ss.scope.attributes), rparts)
-            for sp in ss.spans:
-                attrs = flatten(sp.attributes)
+        for scope in getattr(res, scopes_field):
+            sparts = router.parts(flatten(scope.scope.attributes), rparts)
+            for item in getattr(scope, items_field):
+                attrs = flatten(item.attributes)
                 index, stream = router.stream(*router.parts(attrs, sparts))
-                code = codes[i] if 0 <= codes[i] <= 2 else 0
-                span: dict[str, Any] = {
-                    "id": cols.span_id[i].hex(), "name": cols.name[i],
-                    "kind": _SPAN_KINDS[kinds[i]] if 0 <= kinds[i] < 6 else "unspecified",
-                    "status": {"code": _STATUS_CODES[code]},
-                }
-                if sp.status.message:
-                    span["status"]["message"] = sp.status.message
-                doc: dict[str, Any] = {
-                    "@timestamp": stamps[i], "data_stream": stream,
-                    "event": {"dataset": stream["dataset"], "duration": durations[i],
-                              "outcome": _OUTCOMES[code]},
-                    "trace": {"id": cols.trace_id[i].hex()}, "span": span, **rfields,
-                }
-                if cols.parent_span_id[i]:
-                    doc["parent"] = {"id": cols.parent_span_id[i].hex()}
-                attrs = _strip_routing(attrs)
-                if attrs:
-                    doc["attributes"] = attrs
-                docs.append(_item(index, _short_hash(cols.trace_id[i], cols.span_id[i]), doc))
-                i += 1
-    return docs
+                yield res, rfields, scope, item, _strip_routing(attrs), index, stream
