@@ -25,11 +25,14 @@ import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     from agent.pdata import Batch
     from agent.telemetry import ComponentTelemetry
+
+
+_S = TypeVar("_S")
 
 
 class Signal(enum.StrEnum):
@@ -119,7 +122,7 @@ class Host:
 
     ``services`` holds shared in-process services by name (for example the hardware
     snapshot that the ``host`` receiver fills and the ``enrich`` processor reads);
-    a component that provides one registers it in ``start``.
+    components reach one with ``service`` in ``start``.
     """
 
     state_dir: Path
@@ -128,6 +131,15 @@ class Host:
     # that report on the agent itself.
     telemetry: Any = None
     report_status: Callable[[str, Status, str | None], None] = lambda _id, _s, _e: None
+
+    def service(self, name: str, cls: type[_S]) -> _S:
+        """The shared service ``name``, created (``cls()``) by whichever component asks
+        first: components start downstream-first, so a consumer may ask before the
+        component that fills it."""
+        svc = self.services.get(name)
+        if not isinstance(svc, cls):
+            svc = self.services[name] = cls()
+        return svc
 
 
 @dataclass(frozen=True)

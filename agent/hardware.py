@@ -101,10 +101,7 @@ class HardwareSnapshot:
     @classmethod
     def of(cls, host: Any) -> HardwareSnapshot:
         """The agent's snapshot service, registered in ``host.services`` on first use."""
-        service = host.services.get(SERVICE_NAME)
-        if not isinstance(service, HardwareSnapshot):
-            service = host.services[SERVICE_NAME] = cls()
-        return service
+        return host.service(SERVICE_NAME, cls)
 
     def publish(self, reading: HostReading) -> None:
         self.latest = reading

@@ -30,10 +30,7 @@ class MemoryAccountant:
     @classmethod
     def of(cls, host: Host) -> MemoryAccountant:
         """The accountant registered on ``host`` (registered now if none is)."""
-        acc = host.services.get(SERVICE_NAME)
-        if not isinstance(acc, cls):
-            acc = host.services[SERVICE_NAME] = cls()
-        return acc
+        return host.service(SERVICE_NAME, cls)
 
     @property
     def held(self) -> int:
