@@ -485,17 +485,6 @@ class SpanColumns:
         s = self.services
         return [s[i] for i in self.resource_index.tolist()]
 
-    @cached
-    def ml(self) -> list[dict[str, Any]]:
-        """Per span, its ``ml.*`` attributes merged over its resource's (span wins)."""
-        res_ml = [ml_attributes(a) for a in self._resource_attrs]
-        out = []
-        for i, span in zip(self.resource_index.tolist(), self._spans, strict=True):
-            d = ml_attributes(span.attributes)
-            base = res_ml[i]
-            out.append({**base, **d} if base else d)
-        return out
-
     def attributes(self, i: int) -> dict[str, Any]:
         """All attributes of span ``i`` (slow path; prefer columns)."""
         return attributes_to_dict(self._spans[i].attributes)
@@ -547,16 +536,6 @@ class LogColumns:
     def service(self) -> list[str]:
         s = self.services
         return [s[i] for i in self.resource_index.tolist()]
-
-    @cached
-    def ml(self) -> list[dict[str, Any]]:
-        res_ml = [ml_attributes(a) for a in self._resource_attrs]
-        out = []
-        for i, rec in zip(self.resource_index.tolist(), self._records, strict=True):
-            d = ml_attributes(rec.attributes)
-            base = res_ml[i]
-            out.append({**base, **d} if base else d)
-        return out
 
     def attributes(self, i: int) -> dict[str, Any]:
         return attributes_to_dict(self._records[i].attributes)

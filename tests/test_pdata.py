@@ -32,12 +32,14 @@ def test_columns_are_cached_until_invalidated() -> None:
     assert b.columns.service == ["a", "b"] and b.item_count == 2
 
 
-def test_ml_attributes_merge_resource_under_span() -> None:
+def test_ml_attributes_keeps_only_ml_keys() -> None:
     b = trace_batch([span(attributes={"ml.model.version": "v2", "ml.prediction.score": 0.5,
                                       "http.method": "GET"})],
-                    resource={"service.name": "s", "ml.model.name": "m", "ml.model.version": "v1"})
-    assert b.columns.ml == [{"ml.model.name": "m", "ml.model.version": "v2",
-                             "ml.prediction.score": 0.5}]
+                    resource={"service.name": "s", "gen_ai.request.model": "m"})
+    rs = b.request.resource_spans[0]
+    assert ml_attributes(rs.scope_spans[0].spans[0].attributes) == {
+        "ml.model.version": "v2", "ml.prediction.score": 0.5}
+    assert ml_attributes(rs.resource.attributes) == {"gen_ai.request.model": "m"}
 
 
 attr_values = hs.one_of(

@@ -13,7 +13,7 @@ import pytest
 from agent.component import RetryableError, Signal
 from agent.config import decode_dataclass
 from agent.hardware import GpuReading, HardwareSnapshot, HostReading, host_identity
-from agent.pdata import attributes_to_dict
+from agent.pdata import attributes_to_dict, ml_attributes
 from agent.processors.enrich import EnrichConfig, EnrichProcessor, factory
 from agent.telemetry import Telemetry
 from agent.testing import (
@@ -93,7 +93,9 @@ async def test_version_from_config_mapping_written_once_on_the_resource(tmp_path
     assert other["ml.model.version"] == "unknown"
     assert span_attrs(sink) == [{}, {}, {}]  # no per-span writes
     # the columns the connectors read see the version
-    assert [d["ml.model.version"] for d in sink.batches[0].columns.ml] == ["v3", "v3", "unknown"]
+    assert [{**ml_attributes(rs.resource.attributes), **ml_attributes(sp.attributes)}[
+        "ml.model.version"] for rs in sink.batches[0].request.resource_spans
+        for ss in rs.scope_spans for sp in ss.spans] == ["v3", "v3", "unknown"]
 
 
 async def test_span_versions_win_and_fallback_goes_on_the_spans_that_lack_it(tmp_path):

@@ -6,7 +6,7 @@ everything that can be said of a resource is written once per resource:
 - host identity (``host.name``, ``host.id``, ``os.type``) when the sender did not set it;
 - ``ml.model.version`` when the resource lacks it, resolved from ``model_versions``,
   then the manifest, then ``unknown_version``. Items that carry their own version win
-  over the resource's (readers merge span over resource, as ``SpanColumns.ml`` does),
+  over the resource's (readers of predictions merge span over resource),
   but a resource-level fallback would then disagree with them for a reader that only
   looks at the resource. So each service is probed (its items scanned) at most once per
   ``item_probe_interval``: a service whose items carry versions gets the fallback on
