@@ -108,3 +108,46 @@ def test_spliced_resources_encode_the_mutated_request(shape: list[tuple[int, boo
             new.append(None)
     b.resources_replaced(new)
     assert TraceBatch.from_bytes(b.to_bytes()).request == b.request
+
+
+span_shapes = hs.lists(hs.tuples(
+    hs.text(max_size=6),  # name
+    hs.integers(-(2**31), 2**31 - 1),  # kind: any int32 a sender may put there
+    hs.sampled_from([None, 0, 1, 2, 7]),  # status code (None: no status at all)
+    hs.text(max_size=12),  # status message
+    hs.integers(0, 2**64 - 1), hs.integers(0, 2**64 - 1),  # start, end
+    hs.sampled_from([b"", b"\x05" * 8, b"\x05" * 3]),  # parent id, valid or not
+), max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(hs.lists(span_shapes, min_size=0, max_size=3), hs.booleans())
+def test_columns_of_received_bytes_equal_columns_of_the_request(
+        groups: list[list[tuple]], named: bool) -> None:
+    """The columns-only parse of the received bytes reads what the full request holds."""
+    from agent.pdata import TraceBatch
+
+    built = TraceBatch()
+    for i, shape in enumerate(groups):
+        rs = built.request.resource_spans.add()
+        if named:  # else unknown_service
+            rs.resource.attributes.add(key="service.name").value.string_value = f"svc{i}"
+        rs.scope_spans.add()
+        for j, (name, kind, code, message, start, end, parent) in enumerate(shape):
+            s = rs.scope_spans[0].spans.add(name=name, trace_id=bytes([j]) * 16,
+                                            span_id=bytes([j + 1]) * 8, parent_span_id=parent,
+                                            start_time_unix_nano=start, end_time_unix_nano=end)
+            s.kind = kind  # type: ignore[assignment]
+            if code is not None:
+                s.status.code = code  # type: ignore[assignment]
+                s.status.message = message
+    built.invalidate()
+    received = TraceBatch.from_bytes(built.to_bytes())
+    built.invalidate()  # forget the bytes: read the request
+    a, b = received.columns, built.columns
+    assert b.spans and hasattr(b.spans[0], "attributes") or not b.n  # the full request path
+    assert a.spans and not hasattr(a.spans[0], "attributes") or not a.n  # the columns-only path
+    for field in ("n", "services", "trace_id", "name", "span_id", "parent_span_id"):
+        assert getattr(a, field) == getattr(b, field), field
+    for field in ("resource_index", "kind", "status_code", "start", "end"):
+        assert getattr(a, field).tolist() == getattr(b, field).tolist(), field

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain, compress
+from operator import attrgetter
 from typing import Any, cast
 
 import numpy as np
@@ -68,7 +69,13 @@ from agent.connectors.latency.spans import (
     sample_mask,
     trace_keys,
 )
-from agent.pdata import MetricBatch, TraceBatch, python_to_anyvalue
+from agent.pdata import (
+    MetricBatch,
+    TraceBatch,
+    attributes_to_dict,
+    flat_spans,
+    python_to_anyvalue,
+)
 
 KIND_NAMES = [Span.SpanKind.Name(k) for k in range(6)]  # SPAN_KIND_UNSPECIFIED .. CONSUMER
 STATUS_NAMES = ["STATUS_CODE_UNSET", "STATUS_CODE_OK", "STATUS_CODE_ERROR"]
@@ -125,16 +132,15 @@ class _Columns:
     start: np.ndarray
     end: np.ndarray
     trace_id: list[bytes]
-    span_id: list[bytes]
-    parent_span_id: list[bytes]
+    spans: list[Any]  # span messages: ids are read for the few spans that need them
     arrived: np.ndarray
 
     @classmethod
     def of(cls, cols: Any, arrived: float) -> _Columns:
         """The columns the connector reads of one batch's ``SpanColumns``."""
         return cls(cols.n, cols.name, cols.services, cols.resource_index, cols.kind,
-                   cols.status_code, cols.start, cols.end, cols.trace_id, cols.span_id,
-                   cols.parent_span_id, np.full(cols.n, arrived))
+                   cols.status_code, cols.start, cols.end, cols.trace_id, cols.spans,
+                   np.full(cols.n, arrived))
 
     @classmethod
     def concatenate(cls, parts: list[_Columns]) -> _Columns:
@@ -155,7 +161,7 @@ class _Columns:
 
         return cls(sum(p.n for p in parts), cat("name"), services, np.concatenate(resource),
                    cat("kind"), cat("status_code"), cat("start"), cat("end"), cat("trace_id"),
-                   cat("span_id"), cat("parent_span_id"), cat("arrived"))
+                   cat("spans"), cat("arrived"))
 
 
 class LatencyConnector:
@@ -295,7 +301,7 @@ class LatencyConnector:
             return
         part = _Columns.of(cols, self._clock())
         if self._names.has_attribute_rules:
-            self._process([part], cols)
+            self._process([part], batch)
             return
         self._pending.append(part)
         self._pending_spans += n
@@ -308,18 +314,18 @@ class LatencyConnector:
             parts, self._pending, self._pending_spans = self._pending, [], 0
             self._process(parts)
 
-    def _process(self, parts: list[_Columns], cols: Any = None) -> None:
-        """RED metrics and trace buffering for ``parts``; ``cols`` is the columns of
+    def _process(self, parts: list[_Columns], batch: TraceBatch | None = None) -> None:
+        """RED metrics and trace buffering for ``parts``; ``batch`` is the batch of
         the single part when attribute stage rules need span attributes. A failure
         costs these spans only, never the pipeline."""
         try:
-            self._consume_columns(_Columns.concatenate(parts), cols)
+            self._consume_columns(_Columns.concatenate(parts), batch)
         except Exception as e:  # a bug must cost these spans only, never the pipeline
             self._tel.dropped(Signal.TRACES, sum(p.n for p in parts), "internal_error",
                               error=repr(e))
         self._count_overflow()
 
-    def _consume_columns(self, cols: _Columns, source: Any) -> None:
+    def _consume_columns(self, cols: _Columns, batch: TraceBatch | None) -> None:
         now_ns = self._wall_ns()
         names = cols.name
         # Distinct raw names of these spans -> local ids; normalise each once.
@@ -370,37 +376,37 @@ class LatencyConnector:
         dur = np.maximum(end - start, 0) * NS
         hist = self._duration
         grouped = Grouped.of(inverse, nu, hist.buckets(dur), dur, hist.nb)
-        hist.merge(red_u, grouped, nr, trace_ids=cols.trace_id, span_ids=cols.span_id,
-                   times=end, values=dur)
+        hist.merge(red_u, grouped, nr, trace_ids=cols.trace_id,
+                   span_ids=_SpanIds(cols.spans), times=end, values=dur)
         self._window.ops_duration.merge(win_u, grouped, len(win))
 
         # Copy out, as columns, what trace analysis needs — for the sampled traces
         # only, chosen before any per-span Python work.
         tkey, tw = trace_keys(cols.trace_id)
         keep = sample_mask(tkey, self._cfg.trace_sample_rate)
-        span_ids, parent_ids = cols.span_id, cols.parent_span_id
+        spans = cols.spans
         if keep is not None:
             n_kept = int(np.count_nonzero(keep))
             self._sampling.labels("analysed").inc(n_kept)
             self._sampling.labels("skipped").inc(cols.n - n_kept)
             if n_kept == 0:
                 return
-            span_ids = list(compress(span_ids, keep.tolist()))
-            parent_ids = list(compress(parent_ids, keep.tolist()))
+            spans = list(compress(spans, keep.tolist()))
             tkey, tw, inverse = tkey[keep], tw[keep], inverse[keep]
             kind, status, start, end = kind[keep], status[keep], start[keep], end[keep]
             arrived = arrived[keep]
         stage = stage_u[inverse]
         if self._names.has_attribute_rules:
-            stage = self._attribute_stages(source, kind, stage, now_ns, keep)
-        sw, _ = id_words(span_ids, 8)
-        pw, plen = id_words(parent_ids, 8)
+            assert batch is not None  # consume passes it whenever there are attribute rules
+            stage = self._attribute_stages(batch, kind, stage, now_ns, keep)
+        sw, _ = id_words(list(map(_span_id, spans)), 8)
+        pw, plen = id_words(list(map(_parent_span_id, spans)), 8)
         pid = pw[:, 0]
         pid[(plen != 0) & (plen != 8)] = INVALID_PARENT
-        spans = Spans(key=tkey, trace_id=tw, sid=sw[:, 0], pid=pid, op=op_u[inverse],
+        buffered = Spans(key=tkey, trace_id=tw, sid=sw[:, 0], pid=pid, op=op_u[inverse],
                       svc=svc_u[inverse], stage=stage, kind=kind.astype(np.int8),
                       status=status.astype(np.int8), start=start, end=end)
-        result = self._buffer.add(spans, arrived)
+        result = self._buffer.add(buffered, arrived)
         for reason, count in result.dropped.items():
             self._tel.dropped(Signal.TRACES, count, reason)
 
@@ -431,19 +437,20 @@ class LatencyConnector:
             _bounded_put(self._window.rows, key, row, 4 * self._cfg.max_series)
         return row
 
-    def _attribute_stages(self, cols: Any, kind: np.ndarray, by_name: np.ndarray,
+    def _attribute_stages(self, batch: TraceBatch, kind: np.ndarray, by_name: np.ndarray,
                           now_ns: int, keep: np.ndarray | None) -> np.ndarray:
         """Stage rows per kept span (``keep``: the sampled spans' mask, ``None``: all)
         when some stage is matched by attributes (slow path: every kept span's
         attributes are read)."""
         stage_names = [None if r < 0 else self._stages.keys[r][1]  # type: ignore[index]
                        for r in by_name.tolist()]
+        cols = batch.columns
+        spans, resource = flat_spans(batch.request)
         index = range(cols.n) if keep is None else np.flatnonzero(keep).tolist()
         services = cols.services
-        resource = cols.resource_index.tolist()
         out = np.empty(len(stage_names), dtype=np.int32)
         for j, (i, k, st) in enumerate(zip(index, kind.tolist(), stage_names, strict=True)):
-            st = self._names.stage_of_attributes(cols.attributes(i), k, st)
+            st = self._names.stage_of_attributes(attributes_to_dict(spans[i].attributes), k, st)
             out[j] = self._stages.row((services[resource[i]], st), now_ns) if st else -1
         return out
 
@@ -663,6 +670,21 @@ class LatencyConnector:
         sm.metrics.extend(metrics)
         if await emit(self._next, batch, self._tel):
             self._tel.sent(Signal.METRICS, batch.item_count)
+
+
+_span_id = attrgetter("span_id")
+_parent_span_id = attrgetter("parent_span_id")
+
+
+class _SpanIds:
+    """The span ids of ``spans``, read by index: a histogram reads the few that
+    become exemplars, not one per span."""
+
+    def __init__(self, spans: list[Any]) -> None:
+        self._spans = spans
+
+    def __getitem__(self, i: int) -> bytes:
+        return self._spans[i].span_id
 
 
 def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:

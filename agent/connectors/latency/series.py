@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -93,6 +94,12 @@ class Sums:
         np.add.at(self.values, rows, values)
 
 
+
+class Ids(Protocol):
+    """Trace or span ids by span index: a list, or a view that reads them on demand."""
+
+    def __getitem__(self, i: int, /) -> bytes: ...
+
 @dataclass
 class Grouped:
     """One batch of values summarised per group: what a histogram row takes in.
@@ -155,7 +162,7 @@ class Histograms:
         return np.searchsorted(self.bounds, values, side="left")
 
     def add(self, rows: np.ndarray, values: np.ndarray, n_rows: int, *,
-            trace_ids: Sequence[bytes] | None = None, span_ids: Sequence[bytes] | None = None,
+            trace_ids: Ids | None = None, span_ids: Ids | None = None,
             times: np.ndarray | None = None) -> None:
         """Record ``values`` (seconds) at ``rows``; ids and times feed the exemplars."""
         if len(values) == 0:
@@ -166,7 +173,7 @@ class Histograms:
                    times=times, values=values)
 
     def merge(self, rows: np.ndarray, g: Grouped, n_rows: int, *,
-              trace_ids: Sequence[bytes] | None = None, span_ids: Sequence[bytes] | None = None,
+              trace_ids: Ids | None = None, span_ids: Ids | None = None,
               times: np.ndarray | None = None, values: np.ndarray | None = None) -> None:
         """Add the summary ``g`` of a batch, group ``i`` into row ``rows[i]`` (groups
         may share a row). The exemplars take ``trace_ids``, ``span_ids``, ``times`` and
