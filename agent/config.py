@@ -340,19 +340,9 @@ class ServiceConfig:
     # WATCHDOG=1 is withheld when no component has moved data and the graph reports
     # a stuck component for this long (see service.py).
     watchdog_stall: Duration = 60.0
-    # Allocations (net of frees) between young-generation garbage collections. The
-    # interpreter's 700 is crossed by every decoded batch (its span messages are
-    # tracked objects), so the collector would walk each batch's spans again and
-    # again while they are alive: 8% of the agent's CPU with the latency connector.
-    gc_threshold: int = 10_000
     health: HealthConfig = field(default_factory=HealthConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     pipelines: dict[str, PipelineConfig] = field(default_factory=dict)
-
-    def validate(self) -> list[str]:
-        if self.gc_threshold < 100:
-            return ["gc_threshold: must be at least 100 (the interpreter's default is 700)"]
-        return []
 
 
 @dataclass

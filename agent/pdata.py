@@ -11,25 +11,21 @@ afterwards, or exporters would send the batch as it was before.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from operator import attrgetter
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from agent.component import Signal
 
+if TYPE_CHECKING:
+    from agent.columns import LogColumns, SpanColumns
+
 ML_PREFIX = "ml."
-_INT64_MAX = np.iinfo(np.int64).max
 
 
 def cached(fn: Any) -> Any:
@@ -54,9 +50,6 @@ def cached(fn: Any) -> Any:
     return property(get)
 
 
-def _times(values: Iterable[int], n: int) -> np.ndarray:
-    """Unix-nanosecond times as int64; fixed64 values beyond int64 are clamped, not fatal."""
-    return np.minimum(np.fromiter(values, dtype=np.uint64, count=n), _INT64_MAX).astype(np.int64)
 GENAI_MODEL = "gen_ai.request.model"
 
 
@@ -178,6 +171,16 @@ class Batch:
             self._request = msg
         return self._request
 
+    @property
+    def received_bytes(self) -> bytes | None:
+        """The bytes the batch arrived as, while it is unchanged (else None)."""
+        return self._raw
+
+    @property
+    def parsed_request(self) -> Any:
+        """The request if it is parsed already (else None: a merged batch until read)."""
+        return self._request
+
     @classmethod
     def from_bytes(cls, data: bytes) -> Batch:
         """Parse a serialised request (raises ``google.protobuf.message.DecodeError``)."""
@@ -260,7 +263,7 @@ class Batch:
 _RESOURCE_TAG = 0x0A  # field 1, length-delimited
 
 
-def _read_varint(buf: Any, pos: int) -> tuple[int, int]:
+def read_varint(buf: Any, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         b = buf[pos]
@@ -283,13 +286,13 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _field_end(buf: Any, pos: int, tag: int) -> int:
+def field_end(buf: Any, pos: int, tag: int) -> int:
     wire = tag & 7
     if wire == 2:
-        length, pos = _read_varint(buf, pos)
+        length, pos = read_varint(buf, pos)
         return pos + length
     if wire == 0:
-        return _read_varint(buf, pos)[1]
+        return read_varint(buf, pos)[1]
     if wire == 1:
         return pos + 8
     if wire == 5:
@@ -303,17 +306,17 @@ def splice_resources(raw: bytes, new: list[bytes | None]) -> bytes:
     out: list[Any] = []
     pos, i, n = 0, 0, len(raw)
     while pos < n:
-        tag, body_start = _read_varint(mv, pos)
-        end = _field_end(mv, body_start, tag)
+        tag, body_start = read_varint(mv, pos)
+        end = field_end(mv, body_start, tag)
         if tag != _RESOURCE_TAG or i >= len(new) or new[i] is None:
             out.append(mv[pos:end])
         else:
-            _, start = _read_varint(mv, body_start)
+            _, start = read_varint(mv, body_start)
             parts: list[Any] = [bytes([_RESOURCE_TAG]), _varint(len(new[i])), new[i]]  # type: ignore[arg-type]
             p = start
             while p < end:  # every field but the old resource, as it was
-                t, q = _read_varint(mv, p)
-                e = _field_end(mv, q, t)
+                t, q = read_varint(mv, p)
+                e = field_end(mv, q, t)
                 if t != _RESOURCE_TAG:
                     parts.append(mv[p:e])
                 p = e
@@ -342,7 +345,9 @@ class TraceBatch(Batch):
 
     @cached
     def columns(self) -> SpanColumns:
-        return SpanColumns.extract(self)
+        from agent.columns import SpanColumns
+
+        return SpanColumns.of(self)
 
 
 class MetricBatch(Batch):
@@ -378,6 +383,8 @@ class LogBatch(Batch):
 
     @cached
     def columns(self) -> LogColumns:
+        from agent.columns import LogColumns
+
         return LogColumns.extract(self.request)
 
 
@@ -429,199 +436,3 @@ def data_point_count(metric: Any) -> int:
 def service_name(resource: Any) -> str:
     """``service.name`` of a resource, or ``unknown_service`` as the SDKs default."""
     return get_attribute(resource.attributes, "service.name") or "unknown_service"
-
-
-# The columns-only view of an ExportTraceServiceRequest: the same field numbers, only
-# the fields SpanColumns reads, everything else left as unknown bytes. Parsing the
-# received bytes this way costs a third of a full parse and its spans are small
-# messages, so reading their fields is faster too; ``status`` and ``resource`` are
-# kept encoded (decoded once per distinct value, see _StatusCodes and _ServiceNames)
-# because reading a sub-message from Python costs more than the rest of a span.
-def _columns_schema() -> Any:
-    f = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(name="mlagent/span_columns.proto",
-                                               package="mlagent.columns", syntax="proto3")
-
-    def message(name: str, *fields: tuple[str, int, int, str]) -> None:
-        m = proto.message_type.add(name=name)
-        for field_name, number, kind, of in fields:
-            fd = m.field.add(name=field_name, number=number, type=kind,
-                             label=f.LABEL_REPEATED if of else f.LABEL_OPTIONAL)
-            if of:
-                fd.type_name = f".mlagent.columns.{of}"
-
-    message("Span", ("trace_id", 1, f.TYPE_BYTES, ""), ("span_id", 2, f.TYPE_BYTES, ""),
-            ("parent_span_id", 4, f.TYPE_BYTES, ""), ("name", 5, f.TYPE_STRING, ""),
-            ("kind", 6, f.TYPE_INT32, ""), ("start_time_unix_nano", 7, f.TYPE_FIXED64, ""),
-            ("end_time_unix_nano", 8, f.TYPE_FIXED64, ""), ("status", 15, f.TYPE_BYTES, ""))
-    message("ScopeSpans", ("spans", 2, f.TYPE_MESSAGE, "Span"))
-    message("ResourceSpans", ("resource", 1, f.TYPE_BYTES, ""),
-            ("scope_spans", 2, f.TYPE_MESSAGE, "ScopeSpans"))
-    message("Request", ("resource_spans", 1, f.TYPE_MESSAGE, "ResourceSpans"))
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("mlagent.columns.Request"))
-
-
-_ColumnsRequest = _columns_schema()
-_DECODED_CACHE = 4096  # distinct encoded statuses / resources remembered
-
-
-class _StatusCodes(dict):
-    """Encoded ``Status`` -> its code. Statuses repeat (empty, OK, ERROR), so nearly
-    every span is one C-level dict hit; an unseen one (an error message) is parsed."""
-
-    def __missing__(self, blob: bytes) -> int:
-        code = int(Status.FromString(blob).code) if blob else 0
-        if len(self) < _DECODED_CACHE:
-            self[blob] = code
-        return code
-
-
-class _ServiceNames(dict):
-    """Encoded ``Resource`` -> its service name (resources repeat batch after batch)."""
-
-    def __missing__(self, blob: bytes) -> str:
-        name = service_name(Resource.FromString(blob))
-        if len(self) < _DECODED_CACHE:
-            self[blob] = name
-        return name
-
-
-_status_codes = _StatusCodes()
-_service_names = _ServiceNames()
-_trace_id, _span_id, _parent_span_id = (attrgetter("trace_id"), attrgetter("span_id"),
-                                        attrgetter("parent_span_id"))
-_name, _kind, _status, _status_code = (attrgetter("name"), attrgetter("kind"),
-                                       attrgetter("status"), attrgetter("status.code"))
-_start, _end = attrgetter("start_time_unix_nano"), attrgetter("end_time_unix_nano")
-
-
-def flat_spans(request: Any) -> tuple[list[Any], list[int]]:
-    """Every span of a request in order, and the index of its resource."""
-    spans: list[Any] = []
-    ridx: list[int] = []
-    for i, rs in enumerate(request.resource_spans):
-        for ss in rs.scope_spans:
-            spans.extend(ss.spans)
-            ridx.extend([i] * len(ss.spans))
-    return spans, ridx
-
-
-@dataclass
-class SpanColumns:
-    """Per-span fields of one trace batch, extracted once, in batch order.
-
-    ``resource_index`` maps each span to its ResourceSpans; per-resource values
-    (``services``) are looked up through it. Times are Unix nanoseconds. Span and
-    parent ids are read on first use (``span_id``, ``parent_span_id``), or for a few
-    spans through ``spans`` -- messages that carry only the columns' fields.
-    """
-
-    n: int
-    resource_index: np.ndarray  # int32
-    services: list[str]  # per resource
-    trace_id: list[bytes]
-    name: list[str]
-    kind: np.ndarray  # int32, SpanKind
-    status_code: np.ndarray  # int32, 0 unset, 1 ok, 2 error
-    start: np.ndarray  # int64 ns
-    end: np.ndarray  # int64 ns
-    spans: list[Any]
-
-    @classmethod
-    def extract(cls, batch: Batch) -> SpanColumns:
-        """The columns of a trace batch: from the bytes it arrived as while it is
-        unchanged (the columns-only parse), from its request otherwise."""
-        raw = batch._raw
-        if raw is not None:
-            request = _ColumnsRequest.FromString(raw)
-            services = [_service_names[rs.resource] for rs in request.resource_spans]
-        else:
-            request = batch.request
-            services = [service_name(rs.resource) for rs in request.resource_spans]
-        spans, ridx = flat_spans(request)
-        n = len(spans)
-        if raw is not None:
-            status = map(_status_codes.__getitem__, map(_status, spans))
-        else:
-            status = map(_status_code, spans)
-        # One C-level pass per field: no per-span tuples for the collector to track.
-        return cls(
-            n=n,
-            resource_index=np.asarray(ridx, dtype=np.int32),
-            services=services,
-            trace_id=list(map(_trace_id, spans)),
-            name=list(map(_name, spans)),
-            # Enums are int32 on the wire: a sender may put any value there.
-            kind=np.fromiter(map(_kind, spans), dtype=np.int32, count=n),
-            status_code=np.fromiter(status, dtype=np.int32, count=n),
-            start=_times(map(_start, spans), n),
-            end=_times(map(_end, spans), n),
-            spans=spans,
-        )
-
-    @cached
-    def span_id(self) -> list[bytes]:
-        return list(map(_span_id, self.spans))
-
-    @cached
-    def parent_span_id(self) -> list[bytes]:
-        return list(map(_parent_span_id, self.spans))
-
-    @property
-    def service(self) -> list[str]:
-        """Service name per span."""
-        s = self.services
-        return [s[i] for i in self.resource_index.tolist()]
-
-
-@dataclass
-class LogColumns:
-    """Per-record fields of one log batch, extracted once, in batch order."""
-
-    n: int
-    resource_index: np.ndarray
-    services: list[str]
-    trace_id: list[bytes]
-    span_id: list[bytes]
-    time: np.ndarray  # int64 ns (observed time when time is unset)
-    severity: np.ndarray  # int32
-    _records: list[Any]
-    _resource_attrs: list[Any]
-
-    @classmethod
-    def extract(cls, request: ExportLogsServiceRequest) -> LogColumns:
-        services: list[str] = []
-        res_attrs: list[Any] = []
-        ridx: list[int] = []
-        recs: list[Any] = []
-        for i, rl in enumerate(request.resource_logs):
-            services.append(service_name(rl.resource))
-            res_attrs.append(rl.resource.attributes)
-            for sl in rl.scope_logs:
-                recs.extend(sl.log_records)
-                ridx.extend([i] * len(sl.log_records))
-        n = len(recs)
-        return cls(
-            n=n,
-            resource_index=np.asarray(ridx, dtype=np.int32),
-            services=services,
-            trace_id=[r.trace_id for r in recs],
-            span_id=[r.span_id for r in recs],
-            time=_times((r.time_unix_nano or r.observed_time_unix_nano for r in recs), n),
-            severity=np.fromiter((r.severity_number for r in recs), dtype=np.int32, count=n),
-            _records=recs,
-            _resource_attrs=res_attrs,
-        )
-
-    @property
-    def service(self) -> list[str]:
-        s = self.services
-        return [s[i] for i in self.resource_index.tolist()]
-
-    def attributes(self, i: int) -> dict[str, Any]:
-        return attributes_to_dict(self._records[i].attributes)
-
-    def record(self, i: int) -> Any:
-        return self._records[i]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import gc
 import json
 import logging
 import os
@@ -218,8 +217,6 @@ class Agent:
         self._reload_requested.set()
 
     async def _start_graph(self, config: AgentConfig) -> None:
-        _, *older = gc.get_threshold()
-        gc.set_threshold(config.service.gc_threshold, *older)
         host = Host(state_dir=self.state_dir)
         graph = Graph(config, self.telemetry, host)
         self.graph = graph

@@ -171,27 +171,3 @@ def test_a_partial_nested_table_keeps_the_components_own_defaults() -> None:
     assert fq.max_items == 10 and fq.consumers == 1  # the file exporter's own default
     eq = cfg.component("exporters", "elasticsearch").config.sending_queue
     assert eq.persistent is False and eq.timeout == 120.0  # not the generic 10s
-
-
-async def test_gc_threshold_has_a_floor_and_the_agent_applies_it(tmp_path: Path) -> None:
-    import gc
-
-    from agent.service import Agent
-
-    base = '[receivers.otlp]\ngrpc.endpoint = "127.0.0.1:0"\nhttp.endpoint = "127.0.0.1:0"\n' \
-           '[exporters.debug]\n[service.pipelines.traces]\n' \
-           'receivers = ["otlp"]\nexporters = ["debug"]\n[service]\n'
-    with pytest.raises(ConfigError) as ei:
-        load_config(base + "gc_threshold = 5\n", factories(), env={})
-    assert ei.value.errors == ["service.gc_threshold: must be at least 100 "
-                               "(the interpreter's default is 700)"]
-    assert load_config(base, factories(), env={}).service.gc_threshold == 10_000
-    cfg = load_config(base + "gc_threshold = 4321\n", factories(), env={})
-    before = gc.get_threshold()
-    agent = Agent(cfg, None, env={"STATE_DIRECTORY": str(tmp_path)})
-    try:
-        await agent._start_graph(cfg)
-        assert gc.get_threshold() == (4321, *before[1:])
-    finally:
-        await agent._stop_all()
-        gc.set_threshold(*before)

@@ -145,9 +145,42 @@ def test_columns_of_received_bytes_equal_columns_of_the_request(
     received = TraceBatch.from_bytes(built.to_bytes())
     built.invalidate()  # forget the bytes: read the request
     a, b = received.columns, built.columns
-    assert b.spans and hasattr(b.spans[0], "attributes") or not b.n  # the full request path
-    assert a.spans and not hasattr(a.spans[0], "attributes") or not a.n  # the columns-only path
     for field in ("n", "services", "trace_id", "name", "span_id", "parent_span_id"):
         assert getattr(a, field) == getattr(b, field), field
     for field in ("resource_index", "kind", "status_code", "start", "end"):
         assert getattr(a, field).tolist() == getattr(b, field).tolist(), field
+
+
+def test_columns_survive_empty_spans_several_scopes_and_merged_batches() -> None:
+    """An all-default span (no field on the wire) and a scope whose spans leave kind
+    or status out take the span-by-span path; a merged batch reads as the parts."""
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+    from agent.pdata import TraceBatch
+
+    full = TraceBatch()
+    rs = full.request.resource_spans.add()
+    rs.resource.attributes.add(key="service.name").value.string_value = "a"
+    rs.scope_spans.add().spans.extend([span("x", span_id=b"\x01" * 8), Span(),
+                                       span("y", span_id=b"\x02" * 8, status=2)])
+    second = rs.scope_spans.add()  # kind left at 0 by one span, status absent from one
+    second.spans.extend([span("k0", kind=0), span("k1", kind=2, status=1)])
+    second.spans[1].ClearField("status")
+    third = rs.scope_spans.add()  # every field present: the columns path
+    third.spans.extend([span("z", parent_span_id=b"\x09" * 8, status=2)])
+    other = trace_batch({"b": [span("w", span_id=b"\x07" * 8, status=1)]})
+    merged = TraceBatch.from_bytes(full.to_bytes())
+    merged.extend(TraceBatch.from_bytes(other.to_bytes()))
+    assert merged.parsed_request is None  # merged as bytes
+
+    a = merged.columns
+    a_ids = (a.span_id, a.parent_span_id, [s.span_id for s in a.spans_at([6, 0, 2])])
+    assert merged.parsed_request is None  # ids read from the bytes too
+    b = TraceBatch(merged.request).columns  # the same spans, read from the request
+    assert a.n == b.n == 7 and a.services == b.services == ["a", "b"]
+    assert a.name == b.name == ["x", "", "y", "k0", "k1", "z", "w"]
+    assert a.status_code.tolist() == b.status_code.tolist() == [0, 0, 2, 0, 0, 2, 1]
+    assert a.kind.tolist() == b.kind.tolist() == [1, 0, 1, 0, 2, 1, 1]
+    assert a_ids[:2] == (b.span_id, b.parent_span_id) and a.parent_span_id[5] == b"\x09" * 8
+    assert a_ids[2] == [b"\x07" * 8, b"\x01" * 8, b"\x02" * 8]
+    assert a.resource_index.tolist() == [0, 0, 0, 0, 0, 0, 1]

@@ -159,7 +159,8 @@ async def test_drift_appears_after_the_shift_and_not_before(tmp_path) -> None:
             assert h.detected() == {"prediction": 0.0, "data": 0.0, "confidence": 0.0}
         assert h.logs.batches == []
         shifted = batch_of(rng, 600, shift=1.0)
-        window_ids = {(s.trace_id, s.span_id) for s in shifted.columns.spans}
+        window_ids = {(s.trace_id, s.span_id)
+                      for s in shifted.columns.spans_at(range(shifted.item_count))}
         await h.conn.consume(shifted)
         await h.conn.evaluate_now()
         assert h.detected()["data"] == 1.0

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import chain, compress
+from itertools import chain
 from operator import attrgetter
 from typing import Any, cast
 
@@ -35,6 +35,7 @@ import numpy as np
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from agent.columns import SpanColumns
 from agent.component import (
     Capabilities,
     Consumer,
@@ -61,6 +62,7 @@ from agent.connectors.latency.series import (
     Histograms,
     Series,
     Sums,
+    ids_of,
 )
 from agent.connectors.latency.spans import (
     INVALID_PARENT,
@@ -73,7 +75,6 @@ from agent.pdata import (
     MetricBatch,
     TraceBatch,
     attributes_to_dict,
-    flat_spans,
     python_to_anyvalue,
 )
 
@@ -132,14 +133,14 @@ class _Columns:
     start: np.ndarray
     end: np.ndarray
     trace_id: list[bytes]
-    spans: list[Any]  # span messages: ids are read for the few spans that need them
+    sources: list[SpanColumns]  # the batches' columns: ids of the few spans that need them
     arrived: np.ndarray
 
     @classmethod
-    def of(cls, cols: Any, arrived: float) -> _Columns:
+    def of(cls, cols: SpanColumns, arrived: float) -> _Columns:
         """The columns the connector reads of one batch's ``SpanColumns``."""
         return cls(cols.n, cols.name, cols.services, cols.resource_index, cols.kind,
-                   cols.status_code, cols.start, cols.end, cols.trace_id, cols.spans,
+                   cols.status_code, cols.start, cols.end, cols.trace_id, [cols],
                    np.full(cols.n, arrived))
 
     @classmethod
@@ -161,7 +162,22 @@ class _Columns:
 
         return cls(sum(p.n for p in parts), cat("name"), services, np.concatenate(resource),
                    cat("kind"), cat("status_code"), cat("start"), cat("end"), cat("trace_id"),
-                   cat("spans"), cat("arrived"))
+                   cat("sources"), cat("arrived"))
+
+    def spans_at(self, index: Sequence[int]) -> list[Any]:
+        """The span messages at ``index`` (with their ids), from the batches' columns."""
+        if len(self.sources) == 1:
+            return self.sources[0].spans_at(index)
+        starts = np.cumsum([0] + [c.n for c in self.sources])
+        idx = np.asarray(index, dtype=np.int64)
+        source = np.searchsorted(starts, idx, side="right") - 1
+        out: list[Any] = [None] * len(idx)
+        for k in np.unique(source).tolist():
+            at = np.flatnonzero(source == k)
+            for i, span in zip(at.tolist(), self.sources[k].spans_at(idx[at] - starts[k]),
+                               strict=True):
+                out[i] = span
+        return out
 
 
 class LatencyConnector:
@@ -376,22 +392,21 @@ class LatencyConnector:
         dur = np.maximum(end - start, 0) * NS
         hist = self._duration
         grouped = Grouped.of(inverse, nu, hist.buckets(dur), dur, hist.nb)
-        hist.merge(red_u, grouped, nr, trace_ids=cols.trace_id,
-                   span_ids=_SpanIds(cols.spans), times=end, values=dur)
+        hist.merge(red_u, grouped, nr, trace_ids=ids_of(cols.trace_id),
+                   span_ids=lambda picked: list(map(_span_id, cols.spans_at(picked))),
+                   times=end, values=dur)
         self._window.ops_duration.merge(win_u, grouped, len(win))
 
         # Copy out, as columns, what trace analysis needs — for the sampled traces
         # only, chosen before any per-span Python work.
         tkey, tw = trace_keys(cols.trace_id)
         keep = sample_mask(tkey, self._cfg.trace_sample_rate)
-        spans = cols.spans
         if keep is not None:
             n_kept = int(np.count_nonzero(keep))
             self._sampling.labels("analysed").inc(n_kept)
             self._sampling.labels("skipped").inc(cols.n - n_kept)
             if n_kept == 0:
                 return
-            spans = list(compress(spans, keep.tolist()))
             tkey, tw, inverse = tkey[keep], tw[keep], inverse[keep]
             kind, status, start, end = kind[keep], status[keep], start[keep], end[keep]
             arrived = arrived[keep]
@@ -399,6 +414,7 @@ class LatencyConnector:
         if self._names.has_attribute_rules:
             assert batch is not None  # consume passes it whenever there are attribute rules
             stage = self._attribute_stages(batch, kind, stage, now_ns, keep)
+        spans = cols.spans_at(range(cols.n) if keep is None else np.flatnonzero(keep).tolist())
         sw, _ = id_words(list(map(_span_id, spans)), 8)
         pw, plen = id_words(list(map(_parent_span_id, spans)), 8)
         pid = pw[:, 0]
@@ -445,9 +461,10 @@ class LatencyConnector:
         stage_names = [None if r < 0 else self._stages.keys[r][1]  # type: ignore[index]
                        for r in by_name.tolist()]
         cols = batch.columns
-        spans, resource = flat_spans(batch.request)
+        spans = [sp for rs in batch.request.resource_spans for ss in rs.scope_spans
+                 for sp in ss.spans]
         index = range(cols.n) if keep is None else np.flatnonzero(keep).tolist()
-        services = cols.services
+        services, resource = cols.services, cols.resource_index.tolist()
         out = np.empty(len(stage_names), dtype=np.int32)
         for j, (i, k, st) in enumerate(zip(index, kind.tolist(), stage_names, strict=True)):
             st = self._names.stage_of_attributes(attributes_to_dict(spans[i].attributes), k, st)
@@ -674,17 +691,6 @@ class LatencyConnector:
 
 _span_id = attrgetter("span_id")
 _parent_span_id = attrgetter("parent_span_id")
-
-
-class _SpanIds:
-    """The span ids of ``spans``, read by index: a histogram reads the few that
-    become exemplars, not one per span."""
-
-    def __init__(self, spans: list[Any]) -> None:
-        self._spans = spans
-
-    def __getitem__(self, i: int) -> bytes:
-        return self._spans[i].span_id
 
 
 def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:

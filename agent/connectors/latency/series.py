@@ -11,9 +11,8 @@ cardinality-limit behaviour).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -95,10 +94,13 @@ class Sums:
 
 
 
-class Ids(Protocol):
-    """Trace or span ids by span index: a list, or a view that reads them on demand."""
+# The ids of the values at some indices of a batch (for the exemplars picked).
+IdsAt = Callable[[list[int]], Sequence[bytes]]
 
-    def __getitem__(self, i: int, /) -> bytes: ...
+
+def ids_of(ids: Sequence[bytes]) -> IdsAt:
+    """``IdsAt`` of ids held in a sequence."""
+    return lambda picked: [ids[i] for i in picked]
 
 @dataclass
 class Grouped:
@@ -162,18 +164,20 @@ class Histograms:
         return np.searchsorted(self.bounds, values, side="left")
 
     def add(self, rows: np.ndarray, values: np.ndarray, n_rows: int, *,
-            trace_ids: Ids | None = None, span_ids: Ids | None = None,
+            trace_ids: Sequence[bytes] | None = None, span_ids: Sequence[bytes] | None = None,
             times: np.ndarray | None = None) -> None:
         """Record ``values`` (seconds) at ``rows``; ids and times feed the exemplars."""
         if len(values) == 0:
             return
         uniq, group = np.unique(rows, return_inverse=True)
         grouped = Grouped.of(group, len(uniq), self.buckets(values), values, self.nb)
-        self.merge(uniq, grouped, n_rows, trace_ids=trace_ids, span_ids=span_ids,
+        self.merge(uniq, grouped, n_rows,
+                   trace_ids=None if trace_ids is None else ids_of(trace_ids),
+                   span_ids=None if span_ids is None else ids_of(span_ids),
                    times=times, values=values)
 
     def merge(self, rows: np.ndarray, g: Grouped, n_rows: int, *,
-              trace_ids: Ids | None = None, span_ids: Ids | None = None,
+              trace_ids: IdsAt | None = None, span_ids: IdsAt | None = None,
               times: np.ndarray | None = None, values: np.ndarray | None = None) -> None:
         """Add the summary ``g`` of a batch, group ``i`` into row ``rows[i]`` (groups
         may share a row). The exemplars take ``trace_ids``, ``span_ids``, ``times`` and
@@ -205,8 +209,8 @@ class Histograms:
         self._ex_time[r, b] = times[pick]
         self._ex_value[r, b] = values[pick]
         picked = pick.tolist()
-        self._ex_trace[r, b] = [trace_ids[i] for i in picked]
-        self._ex_span[r, b] = [span_ids[i] for i in picked]
+        self._ex_trace[r, b] = trace_ids(picked)
+        self._ex_span[r, b] = span_ids(picked)
 
     def exemplars_of(self, row: int) -> list[tuple[bytes, bytes, int, float]]:
         """The exemplars of ``row`` as ``(trace_id, span_id, time, value)``, in bucket order."""
