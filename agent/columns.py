@@ -171,6 +171,7 @@ class SpanColumns:
     # scope's spans as messages with at least the three ids.
     _scope_start: np.ndarray
     _load_scope: _ScopeLoader
+    _span_ids: list[Sequence[bytes] | None]  # per scope, when its columns were aligned
 
     @classmethod
     def of(cls, batch: Any) -> SpanColumns:
@@ -231,20 +232,31 @@ class SpanColumns:
             end=cat("end") if parts else np.zeros(0, dtype=np.int64),
             _scope_start=start,
             _load_scope=load,
+            _span_ids=[p.span_ids for p in parts],
         )
+
+    def _locate(self, index: Sequence[int]) -> zip[tuple[int, int]]:
+        """``(scope, position in the scope)`` of each batch position in ``index``."""
+        idx = np.asarray(index, dtype=np.int64)
+        scope = np.searchsorted(self._scope_start, idx, side="right") - 1
+        return zip(scope.tolist(), (idx - self._scope_start[scope]).tolist(), strict=True)
 
     def spans_at(self, index: Sequence[int]) -> list[Any]:
         """Span messages at ``index`` (batch positions), each with at least
         ``trace_id``, ``span_id`` and ``parent_span_id``."""
-        idx = np.asarray(index, dtype=np.int64)
-        scope = np.searchsorted(self._scope_start, idx, side="right") - 1
-        within = idx - self._scope_start[scope]
         load = self._load_scope
-        return [load(k)[j] for k, j in zip(scope.tolist(), within.tolist(), strict=True)]
+        return [load(k)[j] for k, j in self._locate(index)]
+
+    def span_ids_at(self, index: Sequence[int]) -> list[bytes]:
+        """The span ids at ``index``: from a scope's span id column where it has
+        one (no span read), else from its spans."""
+        ids, load = self._span_ids, self._load_scope
+        return [ids[k][j] if ids[k] is not None else load(k)[j].span_id  # type: ignore[index]
+                for k, j in self._locate(index)]
 
     @cached
     def span_id(self) -> list[bytes]:
-        return list(map(_span_id, self.spans_at(range(self.n))))
+        return self.span_ids_at(range(self.n))
 
     @cached
     def parent_span_id(self) -> list[bytes]:
@@ -294,6 +306,7 @@ class _Part:
     status_code: np.ndarray
     start: np.ndarray
     end: np.ndarray
+    span_ids: Sequence[bytes] | None = None  # the merged column, read by index
 
 
 def _aligned(c: Any) -> _Part | None:
@@ -316,6 +329,7 @@ def _aligned(c: Any) -> _Part | None:
                                 count=n) if statuses else np.zeros(n, dtype=np.int32),
         start=_times(c.start_time_unix_nano, n),
         end=_times(c.end_time_unix_nano, n),
+        span_ids=c.span_id,
     )
 
 

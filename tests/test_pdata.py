@@ -161,7 +161,7 @@ def test_columns_survive_empty_spans_several_scopes_and_merged_batches() -> None
     full = TraceBatch()
     rs = full.request.resource_spans.add()
     rs.resource.attributes.add(key="service.name").value.string_value = "a"
-    rs.scope_spans.add().spans.extend([span("x", span_id=b"\x01" * 8), Span(),
+    rs.scope_spans.add().spans.extend([span("x", span_id=b"\x01" * 8),
                                        span("y", span_id=b"\x02" * 8, status=2)])
     second = rs.scope_spans.add()  # kind left at 0 by one span, status absent from one
     second.spans.extend([span("k0", kind=0), span("k1", kind=2, status=1)])
@@ -174,13 +174,21 @@ def test_columns_survive_empty_spans_several_scopes_and_merged_batches() -> None
     assert merged.parsed_request is None  # merged as bytes
 
     a = merged.columns
-    a_ids = (a.span_id, a.parent_span_id, [s.span_id for s in a.spans_at([6, 0, 2])])
+    a_ids = (a.span_id, a.parent_span_id, [s.span_id for s in a.spans_at([5, 0, 1])])
     assert merged.parsed_request is None  # ids read from the bytes too
     b = TraceBatch(merged.request).columns  # the same spans, read from the request
-    assert a.n == b.n == 7 and a.services == b.services == ["a", "b"]
-    assert a.name == b.name == ["x", "", "y", "k0", "k1", "z", "w"]
-    assert a.status_code.tolist() == b.status_code.tolist() == [0, 0, 2, 0, 0, 2, 1]
-    assert a.kind.tolist() == b.kind.tolist() == [1, 0, 1, 0, 2, 1, 1]
-    assert a_ids[:2] == (b.span_id, b.parent_span_id) and a.parent_span_id[5] == b"\x09" * 8
+    assert a.n == b.n == 6 and a.services == b.services == ["a", "b"]
+    assert a.name == b.name == ["x", "y", "k0", "k1", "z", "w"]
+    assert a.status_code.tolist() == b.status_code.tolist() == [0, 2, 0, 0, 2, 1]
+    assert a.kind.tolist() == b.kind.tolist() == [1, 1, 0, 2, 1, 1]
+    assert a_ids[:2] == (b.span_id, b.parent_span_id) and a.parent_span_id[4] == b"\x09" * 8
     assert a_ids[2] == [b"\x07" * 8, b"\x01" * 8, b"\x02" * 8]
-    assert a.resource_index.tolist() == [0, 0, 0, 0, 0, 0, 1]
+    assert a.resource_index.tolist() == [0, 0, 0, 0, 0, 1]
+    assert a.span_ids_at([5, 4, 0]) == [b"\x07" * 8, b"\x02" * 8, b"\x01" * 8]
+
+    # A span with no field at all is in no column: the count tells, and the scope is
+    # read span by span.
+    with_empty = trace_batch({"c": [span("p"), Span(), span("q", kind=3)]})
+    c = TraceBatch.from_bytes(with_empty.to_bytes()).columns
+    assert c.name == ["p", "", "q"] and c.kind.tolist() == [1, 0, 3]
+    assert c.span_id == [b"\x02" * 8, b"", b"\x02" * 8]

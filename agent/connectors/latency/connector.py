@@ -166,17 +166,25 @@ class _Columns:
 
     def spans_at(self, index: Sequence[int]) -> list[Any]:
         """The span messages at ``index`` (with their ids), from the batches' columns."""
+        return self._gather(index, SpanColumns.spans_at)
+
+    def span_ids_at(self, index: Sequence[int]) -> list[bytes]:
+        """The span ids at ``index``, from the batches' columns."""
+        return self._gather(index, SpanColumns.span_ids_at)
+
+    def _gather(self, index: Sequence[int],
+                read: Callable[[SpanColumns, Sequence[int]], list[Any]]) -> list[Any]:
         if len(self.sources) == 1:
-            return self.sources[0].spans_at(index)
+            return read(self.sources[0], index)
         starts = np.cumsum([0] + [c.n for c in self.sources])
         idx = np.asarray(index, dtype=np.int64)
         source = np.searchsorted(starts, idx, side="right") - 1
         out: list[Any] = [None] * len(idx)
         for k in np.unique(source).tolist():
             at = np.flatnonzero(source == k)
-            for i, span in zip(at.tolist(), self.sources[k].spans_at(idx[at] - starts[k]),
-                               strict=True):
-                out[i] = span
+            for i, x in zip(at.tolist(), read(self.sources[k], idx[at] - starts[k]),
+                            strict=True):
+                out[i] = x
         return out
 
 
@@ -393,7 +401,7 @@ class LatencyConnector:
         hist = self._duration
         grouped = Grouped.of(inverse, nu, hist.buckets(dur), dur, hist.nb)
         hist.merge(red_u, grouped, nr, trace_ids=ids_of(cols.trace_id),
-                   span_ids=lambda picked: list(map(_span_id, cols.spans_at(picked))),
+                   span_ids=cols.span_ids_at,
                    times=end, values=dur)
         self._window.ops_duration.merge(win_u, grouped, len(win))
 
