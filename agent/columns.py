@@ -29,7 +29,14 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
-from agent.pdata import attributes_to_dict, cached, field_end, read_varint, service_name
+from agent.pdata import (
+    TraceBatch,
+    attributes_to_dict,
+    cached,
+    field_end,
+    read_varint,
+    service_name,
+)
 
 _INT64_MAX = np.iinfo(np.int64).max
 _DECODED_CACHE = 4096  # distinct encoded statuses / resources remembered
@@ -174,7 +181,7 @@ class SpanColumns:
     _span_ids: list[Sequence[bytes] | None]  # per scope, when its columns were aligned
 
     @classmethod
-    def of(cls, batch: Any) -> SpanColumns:
+    def of(cls, batch: TraceBatch) -> SpanColumns:
         """The columns of a trace batch: from the bytes it arrived as while it is
         unchanged, from its request otherwise."""
         raw, parsed = batch.received_bytes, batch.parsed_request
