@@ -60,6 +60,10 @@ def cmd_validate(path: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
+        # gRPC core logs every failed TLS handshake (a plaintext client, a port
+        # scanner) as a plain-text INFO line on stderr, outside the agent's structured
+        # log. Errors only, unless the environment asks for more.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         from agent.service import run_agent
 
         return run_agent(args.config)

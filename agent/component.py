@@ -173,6 +173,11 @@ class Factory(Protocol):
 
     ``signals`` are the signals accepted (exporters, processors, connectors) or
     emitted (receivers); a connector emits ``output_signals``.
+
+    A factory may also have ``preflight(config) -> list[str]``: the checks of a config
+    that need I/O (TLS files that must load). A reload runs them, in a thread, before
+    it stops the running graph, and any error refuses the reload: the running config
+    stays instead of a restore that would read the same files again.
     """
 
     @property
@@ -203,6 +208,7 @@ class ComponentFactory:
     signals: frozenset[Signal]
     make: Callable[[Settings, Any, Mapping[Signal, Consumer]], Any]
     output_signals: frozenset[Signal] = frozenset()
+    preflight: Callable[[Any], list[str]] | None = None  # see Factory
 
     def create(self, settings: Settings, config: Any, next: Mapping[Signal, Consumer]) -> Any:
         return self.make(settings, config, next)

@@ -147,6 +147,16 @@ def _monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
+def preflight(config: AgentConfig) -> list[str]:
+    """Errors of the checks that need I/O (see ``Factory``), as ``section.id: error``."""
+    errors = []
+    for path, component in config.components.items():
+        check = getattr(component.factory, "preflight", None)
+        if check is not None:
+            errors += [f"{path}: {e}" for e in check(component.config)]
+    return errors
+
+
 # ----------------------------------------------------------------------------- the agent
 
 
@@ -259,6 +269,12 @@ class Agent:
         except ConfigError as e:
             log(logging.ERROR, "reload refused: the new config is invalid; "
                 "the running config stays", source=e.source, errors=e.errors)
+            self.notifier.send("READY=1", f"STATUS={self._status_line()} (last reload refused)")
+            return False
+        problems = await asyncio.to_thread(preflight, new)
+        if problems:
+            log(logging.ERROR, "reload refused: the new config cannot start; "
+                "the running config stays", source=new.source, errors=problems)
             self.notifier.send("READY=1", f"STATUS={self._status_line()} (last reload refused)")
             return False
         if resolve_state_dir(new, self.env) != self.state_dir:

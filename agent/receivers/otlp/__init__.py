@@ -21,7 +21,22 @@ def _make(settings: Settings, config: OtlpReceiverConfig, next: Mapping[Signal, 
     return OtlpReceiver(settings, config, next)
 
 
+def _preflight(config: OtlpReceiverConfig) -> list[str]:
+    """The listeners' TLS files load (checked before a reload stops the running agent)."""
+    from agent.receivers.otlp.common import load_server_tls
+
+    errors = []
+    for name, listener in (("grpc", config.grpc), ("http", config.http)):
+        if listener.enabled and listener.tls.enabled:
+            try:
+                load_server_tls(f"{name} on {listener.endpoint}", listener.tls)
+            except OSError as e:
+                errors.append(str(e))
+    return errors
+
+
 # One instance for every pipeline that lists it.
-factory = ComponentFactory("otlp", Kind.RECEIVER, OtlpReceiverConfig, frozenset(Signal), _make)
+factory = ComponentFactory("otlp", Kind.RECEIVER, OtlpReceiverConfig, frozenset(Signal), _make,
+                           preflight=_preflight)
 
 __all__ = ["OtlpReceiverConfig", "factory"]

@@ -1,10 +1,15 @@
-"""What both transports of the ``otlp`` receiver share: refusals, responses, bind errors."""
+"""What both transports of the ``otlp`` receiver share: refusals, responses, bind errors,
+TLS files."""
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import math
 import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
 
 from google.protobuf.message import Message
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
@@ -13,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from agent.component import Signal
 from agent.config import split_endpoint
+from agent.receivers.otlp.config import TlsServerConfig
 
 # Response message and the partial-success field that counts rejected items, per signal.
 _RESPONSES: dict[Signal, tuple[type[Message], str]] = {
@@ -93,3 +99,103 @@ def os_reason(e: OSError) -> str:
     if isinstance(e, socket.gaierror):
         return f"cannot resolve host: {e.strerror}"
     return (e.strerror or str(e)).lower()
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether ``endpoint`` listens on loopback only (a host name other than
+    ``localhost`` counts as reachable from elsewhere)."""
+    host, _ = split_endpoint(endpoint)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------- TLS
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A listener's TLS files, read and checked at start-up.
+
+    gRPC takes the PEM bytes; aiohttp takes ``context``, built from the same files.
+    """
+
+    certificate_chain: bytes
+    private_key: bytes
+    # PEM CAs that client certificates must chain to; None: no client certificate asked.
+    client_ca: bytes | None
+    context: ssl.SSLContext
+
+
+def tls_error(listener: str, key: str, path: Path, reason: str) -> OSError:
+    """The error ``start`` raises when a listener's TLS files do not make a server:
+    ``grpc on 0.0.0.0:4317: tls.cert_file '/etc/x.pem': cannot read: no such file``."""
+    return OSError(f"{listener}: tls.{key} {str(path)!r}: {reason}")
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> str:
+    # Without a password callback OpenSSL would prompt on the terminal for one.
+    raise _EncryptedKey
+
+
+def load_server_tls(listener: str, tls: TlsServerConfig) -> ServerTls:
+    """Read ``tls``'s files and check that they make a server: the certificate chain and
+    key parse and belong together, the client CA file holds certificates.
+
+    ``listener`` (``"grpc on 0.0.0.0:4317"``) starts every error message. Raises
+    ``OSError`` (``tls_error``). Blocking: call it in a thread.
+    """
+    assert tls.cert_file is not None and tls.key_file is not None, "validate() ensures both"
+    files = {"cert_file": tls.cert_file, "key_file": tls.key_file}
+    if tls.client_ca_file is not None:
+        files["client_ca_file"] = tls.client_ca_file
+    pem: dict[str, bytes] = {}
+    for key, path in files.items():
+        try:
+            pem[key] = path.read_bytes()
+        except OSError as e:
+            raise tls_error(listener, key, path,
+                            f"cannot read: {(e.strerror or str(e)).lower()}") from None
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = TLS_VERSIONS[tls.min_version]
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=_no_password)
+    except _EncryptedKey:
+        raise tls_error(listener, "key_file", tls.key_file,
+                        "the key is encrypted; give an unencrypted key (and keep the file "
+                        "readable by the agent alone)") from None
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise tls_error(listener, "key_file", tls.key_file,
+                            "does not match the certificate in tls.cert_file "
+                            f"{str(tls.cert_file)!r}") from None
+        # OpenSSL says only "PEM lib" for either file: find out which one it was.
+        if not _holds_certificates(tls.cert_file):
+            raise tls_error(listener, "cert_file", tls.cert_file,
+                            "no PEM certificate in it") from None
+        raise tls_error(listener, "key_file", tls.key_file, "no PEM private key in it") from None
+    if tls.client_ca_file is not None:
+        if not _holds_certificates(tls.client_ca_file):
+            raise tls_error(listener, "client_ca_file", tls.client_ca_file,
+                            "no PEM certificate in it")
+        context.load_verify_locations(cafile=tls.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return ServerTls(pem["cert_file"], pem["key_file"], pem.get("client_ca_file"), context)
+
+
+def _holds_certificates(path: Path) -> bool:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        return False
+    return True

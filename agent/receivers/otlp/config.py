@@ -3,10 +3,44 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 from agent.config import ByteSize, Duration, Endpoint, split_endpoint
 
 MIB = 1024 * 1024
+
+
+@dataclass
+class TlsServerConfig:
+    """``tls`` of one listener: TLS when ``cert_file`` and ``key_file`` are set, plaintext
+    when neither is (the default).
+
+    With ``client_ca_file`` the listener also requires a client certificate signed by
+    one of its CAs (mutual TLS). The files are read when the listener starts, so that
+    ``mlagent validate`` stays free of I/O and a reload picks up rotated certificates.
+    """
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the listener serves TLS."""
+        return self.cert_file is not None and self.key_file is not None
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.cert_file is not None and self.key_file is None:
+            errors.append("key_file: required with cert_file (the certificate's private key)")
+        elif self.key_file is not None and self.cert_file is None:
+            errors.append("cert_file: required with key_file (the key's certificate chain)")
+        elif self.client_ca_file is not None and not self.enabled:
+            errors.append("client_ca_file: needs cert_file and key_file (client certificates "
+                          "are checked only over TLS)")
+        return errors
 
 
 @dataclass
@@ -20,6 +54,7 @@ class GrpcConfig:
     # Requests handled at once; more are answered UNAVAILABLE (retry later). With
     # max_request_size this bounds the memory held by requests in flight.
     max_concurrent_requests: int = 64
+    tls: TlsServerConfig = field(default_factory=TlsServerConfig)
 
     def validate(self) -> list[str]:
         errors = []
@@ -29,6 +64,11 @@ class GrpcConfig:
             errors.append("max_request_size: must be under 2GiB (a gRPC limit)")
         if self.max_concurrent_requests <= 0:
             errors.append("max_concurrent_requests: must be positive")
+        if self.tls.min_version == "1.3":
+            # grpcio's server credentials take no version bounds: gRPC core always
+            # negotiates TLS 1.2 or 1.3. Refusing beats serving 1.2 to a config that said no.
+            errors.append('tls.min_version: gRPC serves TLS 1.2 and 1.3 and cannot be limited '
+                          'to 1.3; only "1.2" is possible here')
         return errors
 
 
@@ -46,6 +86,7 @@ class HttpConfig:
     traces_url_path: str = "/v1/traces"
     metrics_url_path: str = "/v1/metrics"
     logs_url_path: str = "/v1/logs"
+    tls: TlsServerConfig = field(default_factory=TlsServerConfig)
 
     def validate(self) -> list[str]:
         errors = []

@@ -5,6 +5,11 @@ raw bytes, so that a request that does not parse is counted and answered
 INVALID_ARGUMENT with the reason, instead of failing inside gRPC where we cannot see it.
 gzip-compressed requests are decompressed by gRPC itself; ``max_request_size`` is its
 max receive message length, which gRPC checks on the decompressed message.
+
+With ``tls`` set the port is a secure one: gRPC core does the handshakes (TLS 1.2 or
+1.3, its own fixed bounds) and, with ``client_ca_file``, requires and verifies client
+certificates; the files are read and checked beforehand so that a bad one fails
+start-up with its name rather than gRPC's bare "Failed to bind".
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from agent.component import Signal
-from agent.receivers.otlp.common import Refusal, bind_error, why_bind_fails
+from agent.receivers.otlp.common import Refusal, bind_error, load_server_tls, why_bind_fails
 from agent.receivers.otlp.config import GrpcConfig
 
 if TYPE_CHECKING:
@@ -50,6 +55,7 @@ class GrpcServer:
         self._in_flight = 0
 
     async def start(self) -> None:
+        credentials = await self._credentials()
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", self.config.max_request_size),
             # gRPC sets SO_REUSEPORT by default, which lets a second agent (or anything
@@ -61,13 +67,27 @@ class GrpcServer:
             for signal, service in SERVICES.items()
         ])
         try:
-            port = server.add_insecure_port(self.config.endpoint)
+            if credentials is None:
+                port = server.add_insecure_port(self.config.endpoint)
+            else:
+                port = server.add_secure_port(self.config.endpoint, credentials)
         except RuntimeError:
             await server.stop(None)
             raise bind_error(self.config.endpoint, why_bind_fails(self.config.endpoint)) from None
         self.endpoint = f"{self.config.endpoint.rsplit(':', 1)[0]}:{port}"
         await server.start()
         self._server = server
+
+    async def _credentials(self) -> grpc.ServerCredentials | None:
+        """The server credentials of ``tls``; None for plaintext."""
+        tls = self.config.tls
+        if not tls.enabled:
+            return None
+        files = await asyncio.to_thread(load_server_tls, f"grpc on {self.config.endpoint}", tls)
+        return grpc.ssl_server_credentials(
+            [(files.private_key, files.certificate_chain)],
+            root_certificates=files.client_ca,
+            require_client_auth=files.client_ca is not None)
 
     async def stop_accepting(self, grace: float) -> None:
         """Refuse new calls from now on; calls in flight get ``grace`` seconds to finish

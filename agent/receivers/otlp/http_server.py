@@ -5,6 +5,10 @@ gunzipped incrementally with a cap on the output, so ``max_request_size`` bounds
 *decompressed* size and a gzip bomb stops at the cap instead of expanding in memory.
 Every status code is chosen here (no router), so that each refusal carries a
 ``google.rpc.Status`` body in the request's content type and is counted.
+
+With ``tls`` set the site serves HTTPS with an ``ssl.SSLContext`` built from the files
+at start-up (``min_version`` applies; ``client_ca_file`` makes client certificates
+required). A failed handshake never becomes a request, so it is not counted here.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from google.rpc import code_pb2, status_pb2
 from agent.component import Signal
 from agent.config import split_endpoint
 from agent.otlpjson import encode_json
-from agent.receivers.otlp.common import Refusal, bind_error, os_reason, retry_after_seconds
+from agent.receivers.otlp.common import (
+    Refusal,
+    bind_error,
+    load_server_tls,
+    os_reason,
+    retry_after_seconds,
+)
 from agent.receivers.otlp.config import HttpConfig
 
 if TYPE_CHECKING:
@@ -112,12 +122,16 @@ class HttpServer:
         self._in_flight = 0
 
     async def start(self) -> None:
+        ssl_context = None
+        if self.config.tls.enabled:
+            ssl_context = (await asyncio.to_thread(
+                load_server_tls, f"http on {self.config.endpoint}", self.config.tls)).context
         sock = await self._bind()
         # auto_decompress off: ``Body`` decompresses, bounded (see the module docstring).
         self._server = web.Server(self._handle, auto_decompress=False, access_log=None)
         self._runner = web.ServerRunner(self._server)
         await self._runner.setup()
-        self._site = web.SockSite(self._runner, sock)
+        self._site = web.SockSite(self._runner, sock, ssl_context=ssl_context)
         await self._site.start()
 
     async def _bind(self) -> socket.socket:

@@ -31,7 +31,7 @@ from google.rpc import code_pb2
 from agent.component import Consumer, Host, PermanentError, RetryableError, Settings, Signal
 from agent.otlpjson import decode_json
 from agent.pdata import BATCH_TYPES, Batch
-from agent.receivers.otlp.common import DEFAULT_RETRY_AFTER, Refusal, response_for
+from agent.receivers.otlp.common import DEFAULT_RETRY_AFTER, Refusal, is_loopback, response_for
 from agent.receivers.otlp.config import OtlpReceiverConfig
 from agent.receivers.otlp.grpc_server import GrpcServer
 from agent.receivers.otlp.http_server import HttpServer
@@ -72,11 +72,19 @@ class OtlpReceiver:
             await self._close(grace=0.0)
             raise
         self._started = True
+        listeners = [(name, server) for name, server in (("grpc", self.grpc), ("http", self.http))
+                     if server is not None]
         self.telemetry.info(
-            "listening: " + ", ".join(f"{name} on {server.endpoint}" for name, server in
-                                      (("grpc", self.grpc), ("http", self.http)) if server),
+            "listening: " + ", ".join(f"{name} on {server.endpoint}{_security(server)}"
+                                      for name, server in listeners),
             grpc=self.grpc.endpoint if self.grpc else None,
             http=self.http.endpoint if self.http else None)
+        for name, server in listeners:
+            if not server.config.tls.enabled and not is_loopback(server.endpoint):
+                self.telemetry.warn(
+                    "listening without TLS", name, endpoint=server.endpoint,
+                    hint=f"data arrives unencrypted and anyone who reaches this address can "
+                         f"send; set {name}.tls.cert_file and {name}.tls.key_file")
 
     async def shutdown(self) -> None:
         """Stop intake, and return without waiting for the requests in flight.
@@ -174,3 +182,9 @@ class OtlpReceiver:
             self.telemetry.warn("refused", reason, transport=transport, error=error)
 
 
+def _security(server: GrpcServer | HttpServer) -> str:
+    """`` (TLS)`` / `` (mutual TLS)`` after a listener's endpoint; nothing for plaintext."""
+    tls = server.config.tls
+    if not tls.enabled:
+        return ""
+    return " (mutual TLS)" if tls.client_ca_file is not None else " (TLS)"
