@@ -193,6 +193,16 @@ async def test_structured_bodies_and_bytes_values_become_json_text(tmp_path, es)
     assert doc["labels"] == {"gpu_count": "2"}
 
 
+async def test_non_finite_numbers_are_stored_as_null_not_refused(tmp_path, es):
+    """JSON has no NaN or infinity (Elasticsearch refuses a document holding one): the
+    values go as null and the rest of the document is stored."""
+    batch = trace_batch([span("predict", attributes={"ml.prediction.score": float("nan"),
+                                                     "loss": float("inf"), "ok": 1.5})])
+    await export(tmp_path, config(es), [batch])
+    (doc,) = es.documents(TRACES)
+    assert doc["attributes"] == {"ml.prediction.score": None, "loss": None, "ok": 1.5}
+
+
 @given(st.text(max_size=120))
 def test_any_routing_attribute_yields_a_valid_data_stream_part_or_none(value):
     part = sanitise_part(value)

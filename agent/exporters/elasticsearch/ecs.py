@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from agent.exporters.elasticsearch.config import DATA_STREAM_PART_RE
 from agent.pdata import LogBatch, TraceBatch, anyvalue_to_python
@@ -113,9 +113,9 @@ def _json_default(value: Any) -> Any:
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact JSON; bytes values become base64."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
-                      default=_json_default).encode()
+    """Compact UTF-8 JSON; bytes values become base64, NaN and infinities null (JSON
+    has no such numbers, and Elasticsearch refuses a document that holds one)."""
+    return orjson.dumps(obj, default=_json_default)
 
 
 def flatten(attrs: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 
 from agent.component import (
     Capabilities,
@@ -213,7 +214,7 @@ class ElasticsearchExporter:
         if not 200 <= status < 300:
             raise PermanentError(f"bulk: HTTP {status}: {_reason(payload)}")
         try:
-            result = json.loads(payload)
+            result = orjson.loads(payload)
             items = result["items"] if result.get("errors") else None
         except (ValueError, KeyError, TypeError, AttributeError):
             # What was stored is unknown; resending is safe (409 for stored documents).
@@ -301,7 +302,7 @@ class ElasticsearchExporter:
 def _reason(payload: bytes) -> str:
     """Elasticsearch's ``error.reason`` from an error body, or the start of the body."""
     try:
-        err = json.loads(payload).get("error")
+        err = orjson.loads(payload).get("error")
         if isinstance(err, dict):
             return f"{err.get('type')}: {err.get('reason')}"
     except (ValueError, AttributeError):
