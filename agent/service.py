@@ -9,7 +9,9 @@ an exit status: after start-up nothing here exits the process.
   running graph keeps serving. A valid one replaces the graph: the old graph drains
   completely into its exporters (persistent queues keep what they hold), then the
   new one starts. Senders see a short refusal window (connection refused), which
-  the OTel SDKs retry; nothing that was acknowledged is lost.
+  the OTel SDKs retry; nothing that was acknowledged is lost. A new graph that fails
+  to start is replaced by the previous config again; if that fails too, the agent
+  stops with status 1 (systemd's Restart=on-failure then restarts it).
 - systemd ``Type=notify``: READY=1 once listeners are bound; RELOADING=1 +
   MONOTONIC_USEC around reloads; STOPPING=1; STATUS= text; WATCHDOG=1 every
   WATCHDOG_USEC/2 while no request into the pipeline has been stuck longer than
@@ -181,6 +183,7 @@ class Agent:
         # swap instead of cancelling a drain halfway.
         self._swap = asyncio.Lock()
         self.reloads = 0
+        self._exit_status = 0  # 1 once a reload could not restore the previous config
 
     # ---------------------------------------------------------------- running
 
@@ -218,7 +221,7 @@ class Agent:
             await cancel_tasks(*self._tasks)
         cancelled = await self._stop_all()
         log(logging.INFO, "stopped", cancelled=cancelled)
-        return 0
+        return self._exit_status
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -296,7 +299,13 @@ class Agent:
             try:
                 await self._start_graph(old)
             except Exception as e2:
-                log(logging.ERROR, "could not restore the previous config", error=str(e2))
+                # Serving nothing while looking alive is the worst outcome: stop, with
+                # status 1, so that the service manager restarts the agent and says so.
+                log(logging.ERROR, "could not restore the previous config either; stopping "
+                    "with status 1", error=str(e2))
+                self._exit_status = 1
+                self._stop.set()
+                return False
         self.reloads += 1
         if ok:
             log(logging.INFO, "reloaded", source=new.source, pipelines=sorted(new.pipelines))

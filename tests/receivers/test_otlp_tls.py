@@ -365,6 +365,26 @@ def test_a_reload_with_unusable_renewed_files_keeps_serving(tmp_path, start_agen
     assert agent.process.stop() == 0
 
 
+def test_a_reload_that_cannot_restore_the_previous_config_stops_with_status_1(
+        tmp_path, start_agent, pki):
+    """The new config cannot start (its gRPC port is taken) and the previous one cannot
+    start again (its TLS files are gone): the agent stops with status 1, for systemd to
+    restart it, instead of running with no receiver."""
+    agent = start(tmp_path, start_agent, tls_tables(pki))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        new = CONFIG.format(grpc=taken.getsockname()[1], http=free_port(),
+                            health=free_port(), state=tmp_path / "s", tls="")
+        agent.process.config_path.write_text(new)
+        pki.server_cert.unlink()
+        agent.process.signal(signal.SIGHUP)
+        assert agent.process.proc.wait(30) == 1
+    messages = [r.get("msg", "") for r in agent.process.log_records()]
+    assert any(m.startswith("reload failed to start the new config") for m in messages)
+    assert any(m.startswith("could not restore the previous config either") for m in messages)
+
+
 # --------------------------------------------------------------------------- mistakes
 
 
