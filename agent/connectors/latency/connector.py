@@ -401,8 +401,7 @@ class LatencyConnector:
         hist = self._duration
         grouped = Grouped.of(inverse, nu, hist.buckets(dur), dur, hist.nb)
         hist.merge(red_u, grouped, nr, trace_ids=ids_of(cols.trace_id),
-                   span_ids=cols.span_ids_at,
-                   times=end, values=dur)
+                   span_ids=cols.span_ids_at, times=end, values=dur)
         self._window.ops_duration.merge(win_u, grouped, len(win))
 
         # Copy out, as columns, what trace analysis needs — for the sampled traces
@@ -428,8 +427,8 @@ class LatencyConnector:
         pid = pw[:, 0]
         pid[(plen != 0) & (plen != 8)] = INVALID_PARENT
         buffered = Spans(key=tkey, trace_id=tw, sid=sw[:, 0], pid=pid, op=op_u[inverse],
-                      svc=svc_u[inverse], stage=stage, kind=kind.astype(np.int8),
-                      status=status.astype(np.int8), start=start, end=end)
+                         svc=svc_u[inverse], stage=stage, kind=kind.astype(np.int8),
+                         status=status.astype(np.int8), start=start, end=end)
         result = self._buffer.add(buffered, arrived)
         for reason, count in result.dropped.items():
             self._tel.dropped(Signal.TRACES, count, reason)
