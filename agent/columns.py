@@ -31,7 +31,6 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from agent.pdata import (
     TraceBatch,
-    attributes_to_dict,
     cached,
     field_end,
     read_varint,
@@ -370,7 +369,6 @@ class LogColumns:
     span_id: list[bytes]
     time: np.ndarray  # int64 ns (observed time when time is unset)
     severity: np.ndarray  # int32
-    _records: list[Any]
 
     @classmethod
     def extract(cls, request: Any) -> LogColumns:
@@ -392,16 +390,9 @@ class LogColumns:
             span_id=[r.span_id for r in recs],
             time=_times((r.time_unix_nano or r.observed_time_unix_nano for r in recs), n),
             severity=np.fromiter((r.severity_number for r in recs), dtype=np.int32, count=n),
-            _records=recs,
         )
 
     @property
     def service(self) -> list[str]:
         s = self.services
         return [s[i] for i in self.resource_index.tolist()]
-
-    def attributes(self, i: int) -> dict[str, Any]:
-        return attributes_to_dict(self._records[i].attributes)
-
-    def record(self, i: int) -> Any:
-        return self._records[i]
