@@ -10,8 +10,12 @@ that the official ``elasticsearch`` Python client (v8) accepts it:
   (406 otherwise); ``Content-Encoding: gzip`` is undone; the body must end with a
   newline (400 otherwise); every action line must be one of index/create/delete/
   update with a document line after it (but delete);
+- index names are checked as Elasticsearch checks them: lowercase, none of
+  ``\\/*?"<>| ,#:``, not starting with ``_ - +``, at most 255 bytes (UTF-8);
 - indices named ``logs|metrics|traces-<dataset>-<namespace>`` are data streams:
-  only ``create`` is accepted and every document needs ``@timestamp``;
+  only ``create`` is accepted and every document needs ``@timestamp``; the name of
+  the first backing index (``.ds-<name>-<yyyy.mm.dd>-000001``) must fit in 255 bytes
+  too, or the data stream cannot be created;
 - ``create`` of an existing ``_id`` is 409 ``version_conflict_engine_exception``;
 - every response carries ``X-Elastic-Product: Elasticsearch``;
 - ``PUT /_index_template/<name>`` stores a template (``index_patterns`` required).
@@ -26,6 +30,7 @@ from __future__ import annotations
 import json
 import re
 import ssl
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ ACCEPTED_CONTENT_TYPES = ("application/x-ndjson", "application/vnd.elasticsearch
 DATA_STREAM_RE = re.compile(r"^(logs|metrics|traces)-[^-]+-[^-]+$")
 INVALID_INDEX_CHARS = set('\\/*?"<>| ,#:')
 ACTIONS = ("index", "create", "delete", "update")
+MAX_INDEX_NAME_BYTES = 255
 
 INFO = {
     "name": "es-contract",
@@ -64,14 +70,20 @@ class Faults:
     ``item_429_attempts``: each document (by index and ``_id``) is answered 429 on its
     first K attempts; only documents whose line contains ``item_429_marker`` when that
     is set. ``reject_marker``: a document whose line contains it is answered
-    400 ``document_parsing_exception``. ``fail_requests``: the next N bulk requests
-    are answered 503. ``max_body_bytes``: larger bulk bodies (as sent) are answered 413.
+    400 ``document_parsing_exception``. ``item_500_marker``: a document whose line
+    contains it is answered 500 ``fail_processor_exception``, every time, as an ingest
+    pipeline's ``fail`` processor answers. ``fail_requests``: the next N bulk
+    requests are answered 503; only requests whose (decoded) body contains
+    ``fail_requests_marker`` when that is set. ``max_body_bytes``: larger bulk bodies
+    (as sent) are answered 413.
     """
 
     item_429_attempts: int = 0
     item_429_marker: str | None = None
     reject_marker: str | None = None
+    item_500_marker: str | None = None
     fail_requests: int = 0
+    fail_requests_marker: str | None = None
     max_body_bytes: int | None = None
 
 
@@ -79,6 +91,11 @@ def _error(status: int, etype: str, reason: str) -> web.Response:
     body = {"error": {"root_cause": [{"type": etype, "reason": reason}], "type": etype,
                       "reason": reason}, "status": status}
     return web.json_response(body, status=status)
+
+
+def _backing_index(stream: str) -> str:
+    """The name Elasticsearch gives a new data stream's first backing index."""
+    return f".ds-{stream}-{time.strftime('%Y.%m.%d', time.gmtime())}-000001"
 
 
 class BulkRequestError(Exception):
@@ -165,10 +182,11 @@ class ElasticsearchContract:
         if (self.faults.max_body_bytes is not None
                 and (request.content_length or 0) > self.faults.max_body_bytes):
             return web.Response(status=413, text="Request Entity Too Large")
-        if self.faults.fail_requests > 0:
+        body = await request.read()  # aiohttp undoes Content-Encoding: gzip
+        marker = self.faults.fail_requests_marker
+        if self.faults.fail_requests > 0 and (marker is None or marker.encode() in body):
             self.faults.fail_requests -= 1
             return _error(503, "unavailable_shards_exception", "primary shard is not active")
-        body = await request.read()  # aiohttp undoes Content-Encoding: gzip
         try:
             ops = self._parse(body, request.match_info.get("index"))
         except BulkRequestError as e:
@@ -228,6 +246,14 @@ class ElasticsearchContract:
             return fail(400, "invalid_index_name_exception",
                         f"Invalid index name [{index}]")
         is_stream = bool(DATA_STREAM_RE.match(index))
+        # Elasticsearch counts UTF-8 bytes; a data stream also needs its first backing
+        # index, whose name is longer than the stream's (MetadataCreateIndexService).
+        for name in (index, _backing_index(index)) if is_stream else (index,):
+            size = len(name.encode("utf-8"))
+            if size > MAX_INDEX_NAME_BYTES:
+                return fail(400, "invalid_index_name_exception",
+                            f"Invalid index name [{name}], index name is too long, "
+                            f"({size} > {MAX_INDEX_NAME_BYTES})")
         store = self.indices.setdefault(index, {})
         if op == "update":
             return fail(400, "illegal_argument_exception",
@@ -249,6 +275,8 @@ class ElasticsearchContract:
             return fail(400, "document_parsing_exception", "[1:1] failed to parse")
         if not isinstance(doc, dict):
             return fail(400, "document_parsing_exception", "[1:1] failed to parse: not an object")
+        if self.faults.item_500_marker is not None and self.faults.item_500_marker in line:
+            return fail(500, "fail_processor_exception", "document refused by the pipeline")
         if self.faults.reject_marker is not None and self.faults.reject_marker in line:
             return fail(400, "document_parsing_exception",
                         "[1:20] failed to parse field [attributes] of type [flattened]")

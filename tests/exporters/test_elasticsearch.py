@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from agent.component import Kind
 from agent.config import decode_dataclass
 from agent.exporters.elasticsearch import ElasticsearchConfig, TLSConfig, factory
-from agent.exporters.elasticsearch.config import DATA_STREAM_PART_RE
+from agent.exporters.elasticsearch.config import is_data_stream_part
 from agent.exporters.elasticsearch.deadletter import DeadLetterFile
 from agent.exporters.elasticsearch.ecs import sanitise_part
 from agent.pdata import Batch
@@ -203,10 +203,55 @@ async def test_non_finite_numbers_are_stored_as_null_not_refused(tmp_path, es):
     assert doc["attributes"] == {"ml.prediction.score": None, "loss": None, "ok": 1.5}
 
 
-@given(st.text(max_size=120))
+@given(st.text(max_size=300))
 def test_any_routing_attribute_yields_a_valid_data_stream_part_or_none(value):
+    """Valid, and short enough in UTF-8 bytes that any ``<type>-<dataset>-<namespace>``
+    made of such parts has a backing index name Elasticsearch accepts (255 bytes)."""
     part = sanitise_part(value)
-    assert part is None or DATA_STREAM_PART_RE.match(part)
+    if part is None:
+        return
+    assert is_data_stream_part(part)
+    assert len(f".ds-traces-{part}-{part}-2024.01.01-000001".encode()) <= 255
+
+
+async def test_a_long_non_ascii_routing_attribute_still_makes_a_stored_document(tmp_path, es):
+    """Elasticsearch limits index names to 255 bytes, not characters: a routing
+    attribute of 160 three-byte characters is cut to what fits instead of making a
+    data stream name Elasticsearch refuses (invalid_index_name_exception)."""
+    dataset = "模型审计" * 40
+    namespace = "生产环境" * 40
+    batch = log_batch([log_record("routed")],
+                      resource={"data_stream.dataset": dataset, "data_stream.namespace": namespace})
+    snap = await export(tmp_path, config(es), [batch])
+    (doc,) = es.documents()
+    assert doc["message"] == "routed"
+    stream = doc["data_stream"]
+    assert dataset.startswith(stream["dataset"]) and stream["dataset"]
+    assert namespace.startswith(stream["namespace"]) and stream["namespace"]
+    assert list(es.indices) == [f"logs-{stream['dataset']}-{stream['namespace']}"]
+    assert snap["mlagent_agent_sent_items_total{signal=logs}"] == 1
+    assert not any(k.startswith("mlagent_agent_dropped") for k in snap)
+
+
+async def test_contract_server_refuses_index_names_over_255_bytes(es):
+    """As Elasticsearch: the limit is in UTF-8 bytes, and a data stream's first backing
+    index (``.ds-<name>-<yyyy.mm.dd>-000001``, 22 bytes longer) must fit as well."""
+    async def item(index: str) -> dict[str, Any]:
+        body = (json.dumps({"create": {"_index": index, "_id": "1"}}) + "\n"
+                + '{"@timestamp":"2024-01-01T00:00:00Z"}\n').encode()
+        async with aiohttp.ClientSession() as s, s.post(
+                es.url + "/_bulk", data=body,
+                headers={"Content-Type": "application/x-ndjson"}) as r:
+            assert r.status == 200
+            return next(iter((await r.json())["items"][0].values()))
+
+    assert (await item("é" * 128))["status"] == 400  # 128 characters, 256 bytes
+    assert (await item("é" * 127))["status"] == 201
+    assert (await item("logs-" + "a" * 220 + "-default"))["status"] == 201  # backing: 255
+    too_long = await item("logs-" + "a" * 221 + "-default")  # 234 bytes, backing 256
+    assert too_long["status"] == 400
+    assert too_long["error"]["type"] == "invalid_index_name_exception"
+    assert "index name is too long, (256 > 255)" in too_long["error"]["reason"]
 
 
 async def test_dead_letter_file_stops_at_its_size_limit(tmp_path):
@@ -251,6 +296,39 @@ async def test_permanent_item_errors_are_dropped_counted_and_dead_lettered(tmp_p
     assert dead["document"]["message"] == "poison pill"
 
 
+async def test_per_item_5xx_is_refused_for_good_instead_of_retried_forever(tmp_path, es):
+    """A per-item 500 (an ingest pipeline's fail processor) comes back on every attempt:
+    the document is refused like any permanent item error, the rest of the batch is
+    stored, and the batch finishes, even with the default max_elapsed_time = 0."""
+    es.faults.item_500_marker = "poison"
+    cfg = config(es, dead_letter_file=Path("dead/es.jsonl"),
+                 retry_on_failure=RetryConfig(initial_interval=0.01, max_interval=0.05,
+                                              randomization_factor=0, max_elapsed_time=0))
+    snap = await export(tmp_path, cfg, [logs("fine", "poison pill", "also fine")])
+    assert sorted(d["message"] for d in es.documents(LOGS)) == ["also fine", "fine"]
+    assert es.bulk_requests == 1  # not retried
+    assert snap["mlagent_agent_dropped_items_total{reason=permanent_error,signal=logs}"] == 1
+    assert snap["mlagent_agent_sent_items_total{signal=logs}"] == 2
+    assert snap[("mlagent_agent_elasticsearch_refused_documents_total"
+                 "{reason=fail_processor_exception,signal=logs}")] == 1
+    (line,) = (tmp_path / "dead" / "es.jsonl").read_text().splitlines()
+    dead = json.loads(line)
+    assert (dead["status"], dead["error"]["type"]) == (500, "fail_processor_exception")
+    assert dead["document"]["message"] == "poison pill"
+
+
+async def test_per_item_429_is_still_retried_until_stored_without_a_deadline(tmp_path, es):
+    """429 is the per-item answer that means "later": those items stay retried."""
+    es.faults.item_429_attempts = 3
+    cfg = config(es, retry_on_failure=RetryConfig(initial_interval=0.01, max_interval=0.05,
+                                                  randomization_factor=0, max_elapsed_time=0))
+    snap = await export(tmp_path, cfg, [logs("a", "b")])
+    assert len(es.documents(LOGS)) == 2
+    assert es.bulk_requests == 4
+    assert snap["mlagent_agent_sent_items_total{signal=logs}"] == 2
+    assert not any(k.startswith("mlagent_agent_dropped") for k in snap)
+
+
 async def test_same_batch_twice_is_stored_once_without_errors(tmp_path, es):
     batches = [logs("a", "b"), trace_batch([span("s", span_id=b"\x01" * 8),
                                             span("t", span_id=b"\x02" * 8)])]
@@ -274,6 +352,29 @@ async def test_413_splits_the_request_and_refuses_only_a_lone_oversized_document
     assert snap["mlagent_agent_dropped_items_total{reason=permanent_error,signal=logs}"] == 1
     assert snap[("mlagent_agent_elasticsearch_refused_documents_total"
                  "{reason=request_entity_too_large,signal=logs}")] == 1
+
+
+async def test_refusals_before_a_retry_after_a_413_split_count_once(tmp_path, es):
+    """The first half of a split request has a refused document, the second half meets
+    a 503: the retry resends what is not settled yet, so the refused document is
+    counted, dropped and dead-lettered once, and everything else is stored."""
+    pad = "." * 1000  # each document ~1.3 KB: 4 are too large for one request, 2 fit
+    es.faults.max_body_bytes = 3000
+    es.faults.reject_marker = "poison"
+    es.faults.fail_requests, es.faults.fail_requests_marker = 1, "down"
+    cfg = config(es, compression="none", dead_letter_file=Path("dead/es.jsonl"))
+    snap = await export(tmp_path, cfg, [logs("poison" + pad, "fine" + pad,
+                                             "down one" + pad, "down two" + pad)])
+    assert sorted(d["message"][:8] for d in es.documents(LOGS)) == ["down one", "down two",
+                                                                    "fine...."]
+    assert es.faults.fail_requests == 0  # the 503 did happen
+    assert snap["mlagent_agent_retries_total{signal=logs}"] == 1
+    assert snap[("mlagent_agent_elasticsearch_refused_documents_total"
+                 "{reason=document_parsing_exception,signal=logs}")] == 1
+    assert snap["mlagent_agent_dropped_items_total{reason=permanent_error,signal=logs}"] == 1
+    assert snap["mlagent_agent_sent_items_total{signal=logs}"] == 3
+    (line,) = (tmp_path / "dead" / "es.jsonl").read_text().splitlines()
+    assert json.loads(line)["document"]["message"].startswith("poison")
 
 
 async def test_bulk_max_bytes_cuts_a_batch_into_several_requests(tmp_path, es):
@@ -397,6 +498,13 @@ def test_config_validation():
     assert errors[1].startswith("exporters.elasticsearch.dataset: 'My-Logs' is not a valid")
     assert errors[2] == ("exporters.elasticsearch.api_key: set either api_key or "
                          "user/password, not both")
+    # 40 characters, 120 bytes: with a namespace like it, too long for Elasticsearch.
+    errors = []
+    decode_dataclass(ElasticsearchConfig, {"dataset": "模型" * 20, "namespace": "生产" * 20},
+                     "exporters.elasticsearch", errors)
+    assert [e.split(":")[0] for e in errors] == ["exporters.elasticsearch.dataset",
+                                                 "exporters.elasticsearch.namespace"]
+    assert "at most 100 bytes" in errors[0]
 
 
 # --------------------------------------------------------------------------- end to end

@@ -13,8 +13,18 @@ from agent.queue import QueueConfig, RetryConfig
 
 # What Elasticsearch allows in the dataset and namespace parts of a data stream name
 # (``<type>-<dataset>-<namespace>``): lowercase, no ``-`` (it separates the parts),
-# none of ``\/*?"<>| ,#:``, at most 100 bytes.
-DATA_STREAM_PART_RE = re.compile(r'^[^A-Z\-\\/*?"<>| ,#:]{1,100}$')
+# none of ``\/*?"<>| ,#:``, at most MAX_PART_BYTES.
+DATA_STREAM_PART_RE = re.compile(r'^[^A-Z\-\\/*?"<>| ,#:]+$')
+# Elasticsearch limits index names to 255 bytes of UTF-8, and a data stream's backing
+# indices are named ``.ds-<type>-<dataset>-<namespace>-yyyy.mm.dd-000001``: 22 bytes
+# around the stream name. 100 bytes per part (the data stream naming scheme's limit)
+# keeps the longest of those, ``.ds-traces-`` + 100 + ``-`` + 100 + 18, at 230 bytes.
+MAX_PART_BYTES = 100
+
+
+def is_data_stream_part(value: str) -> bool:
+    """Whether ``value`` can be the dataset or namespace of a data stream name."""
+    return bool(DATA_STREAM_PART_RE.match(value)) and len(value.encode()) <= MAX_PART_BYTES
 
 
 @dataclass
@@ -72,9 +82,10 @@ class ElasticsearchConfig:
                         "(e.g. \"http://localhost:9200\")")
         for key in ("dataset", "namespace"):
             value = getattr(self, key)
-            if not DATA_STREAM_PART_RE.match(value):
+            if not is_data_stream_part(value):
                 errs.append(f"{key}: {value!r} is not a valid data stream part (lowercase, "
-                            "no '-' and none of \\/*?\"<>| ,#:, at most 100 characters)")
+                            f"no '-' and none of \\/*?\"<>| ,#:, at most {MAX_PART_BYTES} "
+                            "bytes in UTF-8)")
         if self.api_key and (self.user or self.password):
             errs.append("api_key: set either api_key or user/password, not both")
         if self.password and not self.user:

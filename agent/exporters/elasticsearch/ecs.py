@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from agent.exporters.elasticsearch.config import DATA_STREAM_PART_RE
+from agent.exporters.elasticsearch.config import MAX_PART_BYTES, is_data_stream_part
 from agent.pdata import LogBatch, TraceBatch, anyvalue_to_python
 
 # OTel resource attribute -> ECS field.
@@ -99,11 +99,19 @@ class Routing:
 
 
 def sanitise_part(value: Any) -> str | None:
-    """A routing attribute as a valid data stream part, or None when it cannot be one."""
+    """A routing attribute as a valid data stream part, or None when it cannot be one.
+
+    Cut to ``MAX_PART_BYTES`` of UTF-8, not characters: Elasticsearch's index name
+    limit is in bytes (see ``config.MAX_PART_BYTES``). A character the cut would split
+    is left out whole.
+    """
     if not isinstance(value, str):
         return None
-    part = value.lower().translate(_SANITISE)[:100]
-    return part if DATA_STREAM_PART_RE.match(part) else None
+    part = value.lower().translate(_SANITISE)
+    encoded = part.encode()
+    if len(encoded) > MAX_PART_BYTES:
+        part = encoded[:MAX_PART_BYTES].decode("utf-8", "ignore")
+    return part if is_data_stream_part(part) else None
 
 
 def _json_default(value: Any) -> Any:

@@ -6,11 +6,16 @@ earlier attempt answers 409, and 409 counts as success. So:
 
 - connection errors and HTTP 429 / 502 / 503 / 504 on the whole request: the batch
   is retried by the sending queue (with ``Retry-After`` when given);
-- per item: 2xx and 409 are done; 429 (and 5xx) items are retried, *only those*
-  (the batch's remaining documents are remembered between attempts); any other
-  status is permanent: counted by Elasticsearch's error type in
+- per item: 2xx and 409 are done; 429 items are retried, *only those* (the batch's
+  remaining documents are remembered between attempts); any other status, 5xx
+  included, is permanent: counted by Elasticsearch's error type in
   ``mlagent_agent_elasticsearch_refused_documents``, appended to ``dead_letter_file``
-  when set, and reported to the queue as rejected (dropped) once the batch is done;
+  when set, and reported to the queue as rejected (dropped) once the batch is done.
+  A per-item 5xx is what Elasticsearch answers for a document an ingest pipeline
+  fails (a ``fail`` processor, a processor error), the same way on every attempt:
+  retrying it would hold a queue worker and its batch (forever with the default
+  ``max_elapsed_time = 0``). Overload is 429 per item, or 502 / 503 / 504 for the
+  whole request, and those are retried;
 - HTTP 413 on a bulk request: split it in halves and send each (one document that
   is too large on its own is refused like a permanent item);
 - any other whole-request status (401, 403, 404, ...) drops the rest of the batch.
@@ -60,15 +65,29 @@ FILTER_PATH = "errors,items.*.status,items.*.error"
 @dataclass
 class _Progress:
     """One batch between attempts: the documents still to send, and what earlier
-    attempts had refused for good (reported once the batch is done)."""
+    attempts had refused for good (reported once the batch is done).
+
+    ``settled`` holds the identities of the documents the current attempt has stored
+    or refused, so that an attempt cut short part-way through a request that was
+    split (413) leaves them out of what is resent: a refused document is counted and
+    dead-lettered once, and a stored one is neither resent nor reported as dropped.
+    """
 
     docs: list[Document]
     refused: Counter[str] = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
+    settled: set[int] = field(default_factory=set)
 
     @property
     def refused_total(self) -> int:
         return sum(self.refused.values())
+
+    def unsettled(self, docs: list[Document]) -> list[Document]:
+        """``docs`` without those this attempt settled; forgets what was settled."""
+        if self.settled:
+            docs = [d for d in docs if id(d) not in self.settled]
+            self.settled.clear()
+        return docs
 
     def summary(self) -> str:
         """``: <n> <type> (<reason>), ...`` for an error message; empty when none."""
@@ -158,18 +177,21 @@ class ElasticsearchExporter:
                 deferred += await self._bulk(batch.signal, chunk, progress)
             except (RetryableError, asyncio.CancelledError):
                 # CancelledError: the queue's per-attempt timeout. Either way the next
-                # attempt resumes here instead of refusing (and dead-lettering) twice.
-                progress.docs = deferred + [d for c in chunks[k:] for d in c]
+                # attempt resumes here instead of refusing (and dead-lettering) twice;
+                # this chunk may have been split (413) and partly refused already.
+                progress.docs = progress.unsettled(
+                    deferred + [d for c in chunks[k:] for d in c])
                 self._progress[batch] = progress
                 raise
             except PermanentError as e:
-                left = len(deferred) + sum(len(c) for c in chunks[k:])
+                left = len(progress.unsettled(deferred + [d for c in chunks[k:] for d in c]))
                 raise PermanentError(f"{e}{progress.summary()}",
                                      rejected=left + progress.refused_total) from None
+        progress.settled.clear()
         if deferred:
             progress.docs = deferred
             self._progress[batch] = progress
-            raise RetryableError(f"{len(deferred)} documents not stored yet (per-item 429/5xx)")
+            raise RetryableError(f"{len(deferred)} documents not stored yet (per-item 429)")
         if progress.refused_total:
             raise PermanentError(f"{progress.refused_total} documents refused by "
                                  f"Elasticsearch{progress.summary()}",
@@ -220,6 +242,7 @@ class ElasticsearchExporter:
             # What was stored is unknown; resending is safe (409 for stored documents).
             raise RetryableError("bulk: unreadable response") from None
         if items is None:
+            progress.settled.update(map(id, docs))
             return []
         if not isinstance(items, list) or len(items) != len(docs):
             raise RetryableError(f"bulk: response items do not match the {len(docs)} documents")
@@ -229,8 +252,9 @@ class ElasticsearchExporter:
             res: Any = next(iter(item.values()), None) if isinstance(item, dict) else None
             st = res.get("status") if isinstance(res, dict) else None
             if isinstance(st, int) and (200 <= st < 300 or st == 409):
-                continue  # 409: stored by an earlier attempt
-            if not isinstance(st, int) or st == 429 or st >= 500:
+                progress.settled.add(id(doc))  # 409: stored by an earlier attempt
+                continue
+            if not isinstance(st, int) or st == 429:
                 retry.append(doc)  # unreadable items too: resending is idempotent
             else:
                 refused.append((doc, st, res.get("error")))
@@ -259,7 +283,8 @@ class ElasticsearchExporter:
         The queue counts them as dropped when the batch is done (``PermanentError``
         with ``rejected``); the reasons go to their own counter and the error message.
         """
-        for _, status, error in refused:
+        for doc, status, error in refused:
+            progress.settled.add(id(doc))
             etype = error.get("type") if isinstance(error, dict) else None
             reason = etype if isinstance(etype, str) else f"http_{status}"
             progress.refused[reason] += 1
