@@ -27,7 +27,12 @@ The rules follow the OpenTelemetry Collector's Prometheus translator (see
   until the populated buckets number at most ``exponential_histogram_max_buckets``
   (or two per sign, when the values straddle +-1, a boundary at every scale).
   Negative buckets come first, then one bucket ``le = zero_threshold`` for the zero
-  count. Points with a scale outside -10..20 are refused.
+  count. Points with a scale outside -10..20 are refused. Delta points of one series
+  merge at the coarser of their scales, lowered by the same rule, so the running total
+  stays within the same bound.
+- With ``add_metric_suffixes`` off, names are left as they are: no unit word, and a
+  counter's samples end in ``_total`` only when its OTel name does (OpenMetrics, which
+  requires the suffix, still writes it; its ``TYPE`` line names the family without).
 
 ``Translator.translate(request)`` yields one ``PromPoint`` per OTLP data point (and one
 ``target_info`` point per resource); it never raises on bad input but counts what it
@@ -132,15 +137,17 @@ def metric_name(name: str, unit: str = "", *, kind: str = GAUGE, namespace: str 
                 add_suffixes: bool = True) -> str:
     """The Prometheus family name of an OTel metric (without ``_total``/``_bucket``...).
 
-    A counter's samples are named ``<family>_total``; see ``sample_name``. Cached: the
-    same few metric names arrive in every batch.
+    A counter's samples are named ``<family>_total``; see ``sample_name``. With
+    ``add_suffixes`` off no unit is added, and a counter's ``_total`` is still taken
+    off the family (its samples keep it: see ``counter_total``). Cached: the same few
+    metric names arrive in every batch.
     """
     out = _clean(name, _INVALID_METRIC_CHARS)
     if namespace:
         out = f"{_clean(namespace, _INVALID_METRIC_CHARS)}_{out}"
+    if kind == COUNTER and out.endswith("_total") and len(out) > len("_total"):
+        out = out[: -len("_total")]
     if add_suffixes:
-        if kind == COUNTER and out.endswith("_total"):
-            out = out[: -len("_total")]
         suffix = unit_suffix(unit, gauge=kind == GAUGE)
         if suffix and out != suffix and not out.endswith("_" + suffix):
             out = f"{out}_{suffix}" if out else suffix
@@ -151,9 +158,24 @@ def metric_name(name: str, unit: str = "", *, kind: str = GAUGE, namespace: str 
     return out
 
 
-def sample_name(family: str, kind: str) -> str:
-    """The sample name of a counter is ``<family>_total``; other kinds keep the family."""
-    return family + "_total" if kind == COUNTER else family
+def counter_total(name: str, namespace: str = "", *, add_suffixes: bool = True) -> bool:
+    """Whether a counter's samples end in ``_total`` in text 0.0.4 and remote write.
+
+    Always with suffixes on. With them off the OTel name is left as it is (the
+    OTel-Prometheus compatibility spec): ``requests_total`` keeps its ``_total`` (and
+    does not get a second one), ``requests`` gets none. OpenMetrics requires the
+    suffix on counter samples and writes it regardless.
+    """
+    if add_suffixes:
+        return True
+    return metric_name(name, namespace=namespace, add_suffixes=False) != metric_name(
+        name, kind=COUNTER, namespace=namespace, add_suffixes=False)
+
+
+def sample_name(family: str, kind: str, total: bool = True) -> str:
+    """The sample name of a counter is ``<family>_total`` (unless ``total`` is false, see
+    ``counter_total``); other kinds keep the family."""
+    return family + "_total" if kind == COUNTER and total else family
 
 
 @functools.lru_cache(maxsize=8192)
@@ -286,7 +308,8 @@ class PromPoint:
     ``labels`` are sorted ``(name, value)`` pairs without ``__name__`` (job and instance
     included). ``value`` is a float for counters and gauges, a ``HistogramValue`` or a
     ``SummaryValue``; ``stale`` marks a point flagged "no recorded value" (the series
-    ended). ``exemplar`` is a counter's latest exemplar.
+    ended). ``exemplar`` is a counter's latest exemplar. ``total`` says whether a
+    counter's samples end in ``_total`` outside OpenMetrics (see ``counter_total``).
     """
 
     family: str
@@ -297,6 +320,7 @@ class PromPoint:
     value: float | HistogramValue | SummaryValue
     stale: bool = False
     exemplar: Exemplar | None = None
+    total: bool = True
 
 
 @dataclass
@@ -426,6 +450,8 @@ class Translator:
                         kind = which
                     family = metric_name(m.name, m.unit, kind=kind, namespace=cfg.namespace,
                                          add_suffixes=cfg.add_metric_suffixes)
+                    total = kind != COUNTER or counter_total(
+                        m.name, cfg.namespace, add_suffixes=cfg.add_metric_suffixes)
                     # HELP is never empty (promtool lints that): the OTel name stands in.
                     help = m.description or m.name
                     delta = getattr(data, "aggregation_temporality", 0) == _DELTA
@@ -435,17 +461,20 @@ class Translator:
                         add_labels(labels, dp.attributes, skip=reserved)
                         labels.update(identity)  # job/instance are never overwritten
                         key = tuple(sorted(labels.items()))
-                        p = self._point(which, kind, family, help, key, dp, delta, now)
+                        p = self._point(which, kind, family, total, help, key, dp, delta, now)
                         if p is not None:
                             yield p
 
-    def _point(self, which: str, kind: str, family: str, help: str,
+    def _point(self, which: str, kind: str, family: str, total: bool, help: str,
                key: tuple[tuple[str, str], ...], dp: Any, delta: bool,
                now: float) -> PromPoint | None:
         t_ms = dp.time_unix_nano // 1_000_000 or int(time.time() * 1000)
+        # Delta state is per sample name: with suffixes off, counters "x" and "x_total"
+        # share a family but are two series.
+        series = sample_name(family, kind, total)
         if dp.flags & _NO_RECORDED_VALUE:
-            self._delta.pop((family, key), None)
-            return PromPoint(family, kind, help, key, t_ms, math.nan, stale=True)
+            self._delta.pop((series, key), None)
+            return PromPoint(family, kind, help, key, t_ms, math.nan, stale=True, total=total)
         value: Any
         exemplar = None
         if which in ("gauge", "sum"):
@@ -476,7 +505,7 @@ class Translator:
             return None
 
         if delta:
-            value = self._accumulate(family, key, dp, value, now)
+            value = self._accumulate(series, key, dp, value, now)
             if value is None:
                 return None
         if isinstance(value, _ExpState):
@@ -485,9 +514,9 @@ class Translator:
                 self._skip("invalid_histogram")  # a zero threshold above the first bucket
                 return None
             _bucket_exemplars(value, dp.exemplars)
-        return PromPoint(family, kind, help, key, t_ms, value, exemplar=exemplar)
+        return PromPoint(family, kind, help, key, t_ms, value, exemplar=exemplar, total=total)
 
-    def _accumulate(self, family: str, key: tuple[tuple[str, str], ...], dp: Any, value: Any,
+    def _accumulate(self, series: str, key: tuple[tuple[str, str], ...], dp: Any, value: Any,
                     now: float) -> Any:
         """Add a delta point to its series' running total; None when the point is skipped.
 
@@ -495,7 +524,7 @@ class Translator:
         (a duplicate or a reordering) and is skipped as ``out_of_order``; a point with a
         gap after the previous one is still added: the gap lost nothing we could know of.
         """
-        k = (family, key)
+        k = (series, key)
         cur = self._delta.get(k)
         if cur is None:
             if len(self._delta) >= self.cfg.max_series:
@@ -507,7 +536,7 @@ class Translator:
                 dp.time_unix_nano <= cur.last_ns):
             self._skip("out_of_order")
             return None
-        cur.value = _merge(cur.value, value)
+        cur.value = _merge(cur.value, value, self.cfg.exponential_histogram_max_buckets)
         cur.last_ns = dp.time_unix_nano
         cur.seen = now
         return _copy_value(cur.value)
@@ -527,8 +556,11 @@ def _copy_value(v: Any) -> Any:
     return v
 
 
-def _merge(acc: Any, new: Any) -> Any:
-    """``acc + new`` for delta values of one series; a changed bucket layout restarts it."""
+def _merge(acc: Any, new: Any, max_buckets: int) -> Any:
+    """``acc + new`` for delta values of one series; a changed bucket layout restarts it.
+
+    ``max_buckets`` bounds the buckets of merged exponential histograms.
+    """
     if isinstance(acc, float):
         return acc + new
     if isinstance(acc, HistogramValue):
@@ -540,7 +572,7 @@ def _merge(acc: Any, new: Any) -> Any:
         acc.exemplars.update(new.exemplars)
         return acc
     if isinstance(acc, _ExpState):
-        return acc.merge(new)
+        return acc.merge(new, max_buckets)
     return new  # summaries have no delta form
 
 
@@ -606,14 +638,31 @@ class _ExpState:
         return _ExpState(self.scale, self.zero_count, self.zero_threshold, self.pos_offset,
                          self.pos.copy(), self.neg_offset, self.neg.copy(), self.sum, self.count)
 
-    def merge(self, other: _ExpState) -> _ExpState:
-        """Add ``other`` into a copy at the coarser of the two scales."""
+    def merge(self, other: _ExpState, max_buckets: int) -> _ExpState:
+        """``self + other`` as a new state, at the coarser of the two scales or lower.
+
+        The scale is lowered further, before any array is allocated, until the merged
+        buckets fit ``max_buckets`` by the rule of ``to_explicit`` (which would lower it
+        that far anyway), as the collector's delta-to-cumulative processor bounds its
+        merges. Without it, one observation of 1e-6 and a later one of 1000 at scale 20
+        would span 31 million buckets (250 MB) kept for the series.
+        """
         scale = min(self.scale, other.scale)
-        po, pc = _add_buckets(*_downscale(self.pos_offset, self.pos, self.scale - scale),
-                              *_downscale(other.pos_offset, other.pos, other.scale - scale))
-        no, nc = _add_buckets(*_downscale(self.neg_offset, self.neg, self.scale - scale),
-                              *_downscale(other.neg_offset, other.neg, other.scale - scale))
-        return _ExpState(scale, self.zero_count + other.zero_count,
+        # Trimmed and brought to the common scale: each no larger than its operand.
+        ap = _downscale(*_trim(self.pos_offset, self.pos), self.scale - scale)
+        bp = _downscale(*_trim(other.pos_offset, other.pos), other.scale - scale)
+        an = _downscale(*_trim(self.neg_offset, self.neg), self.scale - scale)
+        bn = _downscale(*_trim(other.neg_offset, other.neg), other.scale - scale)
+        pos_span = _span(ap, bp)
+        neg_span = _span(an, bn)
+        target = max(max_buckets, _fewest_buckets(*pos_span) + _fewest_buckets(*neg_span))
+        by = 0
+        while (_width(*pos_span, by) + _width(*neg_span, by) > target
+               and scale - by > MIN_EXPONENTIAL_SCALE):
+            by += 1
+        po, pc = _add_buckets(*_downscale(*ap, by), *_downscale(*bp, by))
+        no, nc = _add_buckets(*_downscale(*an, by), *_downscale(*bn, by))
+        return _ExpState(scale - by, self.zero_count + other.zero_count,
                          max(self.zero_threshold, other.zero_threshold), po, pc, no, nc,
                          self.sum + other.sum, self.count + other.count)
 
@@ -626,7 +675,8 @@ class _ExpState:
         """
         pos_off, pos = _trim(self.pos_offset, self.pos)
         neg_off, neg = _trim(self.neg_offset, self.neg)
-        target = max(max_buckets, _fewest_buckets(pos_off, pos) + _fewest_buckets(neg_off, neg))
+        target = max(max_buckets, _fewest_buckets(pos_off, pos_off + len(pos) - 1)
+                     + _fewest_buckets(neg_off, neg_off + len(neg) - 1))
         scale = self.scale
         while len(pos) + len(neg) > target and scale > MIN_EXPONENTIAL_SCALE:
             scale -= 1
@@ -650,11 +700,25 @@ class _ExpState:
         return HistogramValue(tuple(bounds), np.asarray(counts), self.sum, self.count)
 
 
-def _fewest_buckets(offset: int, counts: np.ndarray) -> int:
-    """How few buckets a (trimmed) bucket range can shrink to by lowering the scale."""
-    if not len(counts):
+def _fewest_buckets(lo: int, hi: int) -> int:
+    """How few buckets the populated index range ``lo..hi`` (empty when ``hi < lo``) can
+    shrink to by lowering the scale: indexes -1 and 0 stay apart at every scale."""
+    if hi < lo:
         return 0
-    return 2 if offset < 0 <= offset + len(counts) - 1 else 1
+    return 2 if lo < 0 <= hi else 1
+
+
+def _span(a: tuple[int, np.ndarray], b: tuple[int, np.ndarray]) -> tuple[int, int]:
+    """The index range ``lo..hi`` covered by two trimmed bucket runs (``hi < lo``: none)."""
+    runs = [(off, off + len(c) - 1) for off, c in (a, b) if len(c)]
+    if not runs:
+        return 0, -1
+    return min(lo for lo, _ in runs), max(hi for _, hi in runs)
+
+
+def _width(lo: int, hi: int, by: int) -> int:
+    """How many buckets the index range ``lo..hi`` spans ``by`` scales lower."""
+    return (hi >> by) - (lo >> by) + 1 if hi >= lo else 0
 
 
 def _pow2(x: float) -> float:

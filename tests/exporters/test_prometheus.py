@@ -164,6 +164,39 @@ async def test_delta_counter_is_exposed_cumulative(exporter):
     assert 'tokens_total{instance="pod-1",job="ml/infer"} 12.0' in text.splitlines()
 
 
+async def test_suffixes_off_leaves_counter_names_as_they_are(tmp_path):
+    """``add_metric_suffixes = false``: a counter named ``requests_total`` keeps its one
+    ``_total`` and ``tokens`` gets none in text 0.0.4; OpenMetrics, whose counter
+    samples must end in ``_total``, names both families without it."""
+    exp = factory.create(settings_for("prometheus", Kind.EXPORTER, Telemetry()),
+                         PrometheusConfig(endpoint="127.0.0.1:0", add_metric_suffixes=False,
+                                          target_info=False), {})
+    await exp.start(make_host(tmp_path))
+    try:
+        await exp.consume(metric_batch([
+            monotonic_sum("requests_total", [({}, 3)], time=NOW_NS),
+            monotonic_sum("tokens", [({}, 5)], unit="{token}", time=NOW_NS)], resource=RES))
+        _, text = await scrape(exp)
+        _, om = await scrape(exp, OM_ACCEPT)
+    finally:
+        await exp.shutdown()
+    labels = '{instance="pod-1",job="ml/infer"}'
+    lines = text.splitlines()
+    assert "# TYPE requests_total counter" in lines
+    assert f"requests_total{labels} 3.0" in lines
+    assert "# TYPE tokens counter" in lines
+    assert f"tokens{labels} 5.0" in lines
+    assert "_total_total" not in text
+    om_lines = om.splitlines()
+    assert "# TYPE requests counter" in om_lines and f"requests_total{labels} 3.0" in om_lines
+    assert "# TYPE tokens counter" in om_lines and f"tokens_total{labels} 5.0" in om_lines
+    families = {f.name: f for f in text_string_to_metric_families(om)}
+    assert [s.value for s in families["requests"].samples] == [3.0]
+    assert [s.value for s in families["tokens"].samples] == [5.0]
+    parsed = {f.name: f for f in text_0_0_4_families(text)}
+    assert parsed["requests"].samples[0].name == "requests_total"
+
+
 async def test_newer_point_replaces_older_and_older_is_dropped(exporter):
     await exporter.consume(metric_batch([gauge("temp", [({}, 50)], time=NOW_NS + 10**7)]))
     await exporter.consume(metric_batch([gauge("temp", [({}, 40)], time=NOW_NS)]))

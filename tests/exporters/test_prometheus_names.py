@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -243,6 +244,33 @@ def test_delta_exponential_histograms_merge_at_the_coarser_scale():
     (p,) = _points(t, metric_batch([_exp(0, 0, [4], delta=True, start=10, end=20)]))
     assert p.value.count == 6
     np.testing.assert_array_equal(p.value.counts[-2:], [6, 0])
+
+
+def test_delta_exponential_points_far_apart_merge_into_bounded_buckets():
+    """One observation of 1e-6, then one of 1000, both at scale 20: merged, they would
+    span 31 million scale-20 buckets (1 GB while merging, 250 MB kept for the series,
+    seconds of event-loop time). The scale is lowered before merging instead."""
+    t = Translator(TranslationConfig(target_info=False))
+    small, large = (math.ceil(math.log2(v) * 2 ** 20) - 1 for v in (1e-6, 1000.0))
+    _points(t, metric_batch([_exp(20, small, [1], delta=True)]))
+    tracemalloc.start()
+    try:
+        (p,) = _points(t, metric_batch([_exp(20, large, [1], delta=True, start=10, end=20)]))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000
+    h = p.value
+    assert len(h.bounds) <= 1 + TranslationConfig().exponential_histogram_max_buckets
+    assert h.count == 2 and h.sum == 20.0 and h.cumulative()[-1] == 2
+    # Scale 2 (bounds 2**(i/4) apart), the finest at which 1e-6..1000 fits 160 buckets.
+    assert h.bounds[2] / h.bounds[1] == pytest.approx(2 ** 0.25)
+    # Each value is still counted in the bucket of its bound.
+    cum = dict(zip(h.bounds, h.cumulative(), strict=False))
+    assert cum[min(b for b in h.bounds if b >= 1e-6)] == 1
+    assert cum[max(b for b in h.bounds if b < 1e-6)] == 0
+    assert cum[min(b for b in h.bounds if b >= 1000)] == 2
+    assert cum[max(b for b in h.bounds if b < 1000)] == 1
 
 
 def test_no_recorded_value_marks_the_point_stale():

@@ -238,6 +238,108 @@ async def test_stale_marker_for_ended_series(tmp_path):
     assert math.isnan(v) and struct.pack("<d", v) == struct.pack("<Q", 0x7FF0000000000002)
 
 
+async def test_suffixes_off_sends_counter_names_as_they_are(tmp_path):
+    """``add_metric_suffixes = false``: ``requests_total`` is sent (and ended) under its
+    own name, not ``requests_total_total``; ``tokens`` gets no ``_total``."""
+    async with Receiver() as rx:
+        exp = make(rx.url, add_metric_suffixes=False, target_info=False)
+        await exp.start(make_host(tmp_path))
+        t = now_ns()
+        await exp.consume(metric_batch([monotonic_sum("requests_total", [({}, 3)], time=t),
+                                        monotonic_sum("tokens", [({}, 5)], time=t)]))
+        ended = monotonic_sum("requests_total", [({}, 0)], time=t + 10**9)
+        ended.sum.data_points[0].flags = 1
+        await exp.consume(metric_batch([ended]))
+        await drain(exp)
+    names = {dict(k)["__name__"] for k in rx.series()}
+    assert names == {"requests_total", "tokens"}
+    ((value, stale),) = rx.values("requests_total").values()
+    assert value == 3.0 and math.isnan(stale)
+    assert list(rx.values("tokens").values()) == [[5.0]]
+
+
+def _ended_histogram_and_summary(t: int, *, ended: bool, bounds=(0.1, 1.0)) -> list[Metric]:
+    h = Metric(name="latency", unit="s")
+    dp = h.histogram.data_points.add(time_unix_nano=t, explicit_bounds=bounds,
+                                     bucket_counts=[1] * (len(bounds) + 1),
+                                     count=len(bounds) + 1, sum=2.5)
+    s = Metric(name="wait", unit="s")
+    sdp = s.summary.data_points.add(time_unix_nano=t, count=4, sum=1.0)
+    sdp.quantile_values.add(quantile=0.5, value=0.2)
+    sdp.quantile_values.add(quantile=0.99, value=0.9)
+    if ended:
+        dp.flags = sdp.flags = 1
+    return [h, s]
+
+
+async def test_ended_histogram_and_summary_mark_every_series_stale(tmp_path):
+    """When a histogram or summary series ends, each of its bucket and quantile series
+    gets a stale marker too, not only ``_sum`` and ``_count``: otherwise they stay live
+    for 5 minutes and ``histogram_quantile`` keeps answering."""
+    async with Receiver() as rx:
+        exp = make(rx.url, target_info=False)
+        await exp.start(make_host(tmp_path))
+        t = now_ns()
+        await exp.consume(metric_batch(_ended_histogram_and_summary(t, ended=False)))
+        await exp.consume(metric_batch(_ended_histogram_and_summary(t + 10**9, ended=True)))
+        await drain(exp)
+    got = {(dict(k)["__name__"], dict(k).get("le") or dict(k).get("quantile")): samples
+           for k, samples in rx.series().items()}
+    assert set(got) == {
+        ("latency_seconds_bucket", "0.1"), ("latency_seconds_bucket", "1.0"),
+        ("latency_seconds_bucket", "+Inf"), ("latency_seconds_sum", None),
+        ("latency_seconds_count", None), ("wait_seconds", "0.5"), ("wait_seconds", "0.99"),
+        ("wait_seconds_sum", None), ("wait_seconds_count", None)}
+    t_ms = t // 1_000_000
+    for series, samples in got.items():
+        (t0, live), (t1, end) = samples
+        assert (t0, t1) == (t_ms, t_ms + 1000) and not math.isnan(live), series
+        assert struct.pack("<d", end) == struct.pack("<Q", 0x7FF0000000000002), series
+
+
+async def test_buckets_a_histogram_stops_sending_are_marked_stale(tmp_path):
+    """A changed layout (here ``le`` 0.1 and 1.0 -> 0.5) ends the buckets no longer sent."""
+    async with Receiver() as rx:
+        exp = make(rx.url, target_info=False)
+        await exp.start(make_host(tmp_path))
+        t = now_ns()
+        await exp.consume(metric_batch(_ended_histogram_and_summary(t, ended=False)[:1]))
+        await exp.consume(metric_batch(_ended_histogram_and_summary(
+            t + 10**9, ended=False, bounds=(0.5,))[:1]))
+        await drain(exp)
+    buckets = {dict(k)["le"]: [v for _, v in s]
+               for k, s in rx.series().items() if dict(k)["__name__"] == "latency_seconds_bucket"}
+    assert buckets["0.5"] == [1.0] and buckets["+Inf"] == [3.0, 2.0]
+    for le in ("0.1", "1.0"):
+        live, end = buckets[le]
+        assert not math.isnan(live) and math.isnan(end)
+
+
+async def test_stale_markers_for_buckets_are_remembered_for_max_series(tmp_path):
+    """The remembered bucket layouts are bounded by ``max_series``: the most recently
+    sent series are ended bucket by bucket, older ones only by ``_sum``/``_count``."""
+    async with Receiver() as rx:
+        exp = make(rx.url, target_info=False, max_series=1)
+        await exp.start(make_host(tmp_path))
+        t = now_ns()
+        for i, when in enumerate((t, t + 1)):
+            m = _ended_histogram_and_summary(when, ended=False)[0]
+            m.histogram.data_points[0].attributes.add(key="i").value.string_value = str(i)
+            await exp.consume(metric_batch([m]))
+        ended = []
+        for i in range(2):
+            m = _ended_histogram_and_summary(t + 10**9, ended=True)[0]
+            m.histogram.data_points[0].attributes.add(key="i").value.string_value = str(i)
+            ended.append(m)
+        await exp.consume(metric_batch(ended))
+        await drain(exp)
+    stale = {(dict(k)["i"], dict(k)["__name__"]) for k, s in rx.series().items()
+             if math.isnan(s[-1][1])}
+    assert stale == {("0", "latency_seconds_sum"), ("0", "latency_seconds_count"),
+                     ("1", "latency_seconds_sum"), ("1", "latency_seconds_count"),
+                     ("1", "latency_seconds_bucket")}
+
+
 def test_config_validation():
     errs = RemoteWriteConfig(endpoint="localhost:9090", shards=0, max_samples_per_send=0,
                              sending_queue=QueueConfig(persistent=True)).validate()
@@ -333,3 +435,24 @@ async def test_real_prometheus_values_exemplars_and_no_loss_across_restart(tmp_p
     finally:
         await exp.shutdown()
         await prom.stop()
+
+
+@pytest.mark.integration
+async def test_real_prometheus_forgets_ended_histogram_and_summary(tmp_path):
+    """After the end of a histogram and a summary, a real Prometheus answers neither
+    ``histogram_quantile`` over the buckets nor the quantile series."""
+    async with PromServer(tmp_path / "prom") as prom:
+        exp = make(prom.remote_write_url, target_info=False)
+        await exp.start(make_host(tmp_path / "state"))
+        try:
+            t = now_ns() - 10 * 10**9
+            await exp.consume(metric_batch(_ended_histogram_and_summary(t, ended=False)))
+            quantile = "histogram_quantile(0.5, latency_seconds_bucket)"
+            await prom.wait_for(quantile, lambda v: len(v) == 1)
+            assert len(await prom.values("wait_seconds")) == 2
+            await exp.consume(metric_batch(_ended_histogram_and_summary(t + 10**9, ended=True)))
+            await prom.wait_for("latency_seconds_count", lambda v: not v)
+            await prom.wait_for(quantile, lambda v: not v)
+            assert await prom.values("wait_seconds") == {}
+        finally:
+            await exp.shutdown()

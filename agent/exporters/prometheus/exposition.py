@@ -77,6 +77,7 @@ class _Series:
 class _Family:
     kind: str
     help: str
+    total: bool  # a counter's text samples end in _total (see promnames.counter_total)
     series: dict[Labels, _Series] = field(default_factory=dict)
 
 
@@ -84,8 +85,10 @@ class SeriesStore:
     """The latest cumulative point of every exposed series, bounded by ``max_series``.
 
     ``update`` returns ``None`` when the point was stored (or ended its series) and a
-    drop reason otherwise: ``type_conflict`` (the family exists with another type),
-    ``out_of_order`` (older than the stored point), ``series_limit``.
+    drop reason otherwise: ``type_conflict`` (the family exists with another type, or,
+    with suffixes off, as the counter of the other sample name: ``x`` and ``x_total``
+    are one OpenMetrics family), ``out_of_order`` (older than the stored point),
+    ``series_limit``.
     """
 
     def __init__(self, *, expiration: float, max_series: int,
@@ -103,8 +106,8 @@ class SeriesStore:
                 return None
             if self.series_count >= self.max_series:
                 return "series_limit"
-            fam = self.families[p.family] = _Family(p.kind, p.help)
-        elif fam.kind != p.kind:
+            fam = self.families[p.family] = _Family(p.kind, p.help, p.total)
+        elif fam.kind != p.kind or fam.total != p.total:
             return "type_conflict"
         s = fam.series.get(p.labels)
         if p.stale:  # the sender says the series ended: stop exposing it now
@@ -156,11 +159,13 @@ class SeriesStore:
             kind = fam.kind
             if openmetrics:
                 # OpenMetrics names the family without the sample suffix: counter
-                # "x" has samples "x_total", info "target" has "target_info".
+                # "x" has samples "x_total" (required, even with suffixes off), info
+                # "target" has "target_info".
                 meta_name = name.removesuffix("_info") if kind == INFO else name
                 type_name = kind
+                sname = sample_name(name, kind)
             else:
-                meta_name = sample_name(name, kind)
+                meta_name = sname = sample_name(name, kind, fam.total)
                 type_name = "gauge" if kind == INFO else kind
             if fam.help:
                 out.append(f"# HELP {meta_name} {_escape_help(fam.help, openmetrics)}")
@@ -172,7 +177,6 @@ class SeriesStore:
                 for s in fam.series.values():
                     _summary(out, name, s)
             else:
-                sname = sample_name(name, kind)
                 for s in fam.series.values():
                     v = s.point.value
                     assert isinstance(v, float)

@@ -13,6 +13,12 @@ the sender resends the batch: the delta points already counted are then skipped 
 ``out_of_order`` (their total is already in the running sum, so nothing is counted
 twice) and re-sent cumulative samples are exact duplicates, which Prometheus accepts.
 
+Remote write has no deletion: a series ends with a StaleNaN sample. A point flagged "no
+recorded value" ends every series of its metric point, each ``_bucket{le}`` and
+``{quantile}`` series included (the layouts last queued are remembered per series, as
+bounded as the translator's state), and a bucket or quantile that a histogram or
+summary stops sending gets one too.
+
 Delivery follows the remote write spec: 2xx is success; 429 and 5xx are retried
 (``Retry-After`` honoured); any other status is final and the request is dropped and
 counted (Prometheus answers 400 for ``out of order sample`` after storing the rest).
@@ -24,6 +30,7 @@ import asyncio
 import dataclasses
 import importlib.metadata
 import math
+import time
 import zlib
 from typing import Any
 
@@ -97,6 +104,8 @@ def _decode_write_batch(_signal: Signal, data: bytes) -> WriteBatch:
 
 # A sample's series: its name, its point's labels, and the extra ("le"/"quantile") label.
 SeriesKey = tuple[str, Labels, tuple[str, str] | None]
+# One sample of a point: (name, extra label, value, exemplar).
+_Sample = tuple[str, tuple[str, str] | None, float, PromExemplar | None]
 
 
 @dataclasses.dataclass(slots=True)
@@ -137,6 +146,7 @@ class RemoteWriteExporter:
         self._cache_limit = 4 * config.max_series
         self._shards: dict[tuple[str, Labels], int] = {}
         self._label_cache: dict[SeriesKey, bytes] = {}
+        self._layouts = _Layouts(config.max_series, config.metric_expiration)
 
     async def start(self, host: Host) -> None:
         self._session = aiohttp.ClientSession()
@@ -151,56 +161,82 @@ class RemoteWriteExporter:
         if not isinstance(batch, MetricBatch):
             return
         async with self._lock:
-            shards: list[dict[SeriesKey, _Series]] = [{} for _ in self.senders]
-            points = 0
-            for p in self.translator.translate(batch.request):
-                points += 1
-                # Every sample of a point (buckets, sum, count) goes to one shard.
-                shard = shards[self._shard_of(p.family, p.labels)]
-                for name, extra, value, ex in self._expand(p):
-                    key = (name, p.labels, extra)
-                    s = shard.get(key)
-                    if s is None:
-                        s = shard[key] = _Series(key, {}, [])
-                    s.samples[p.time_ms] = value
-                    if ex is not None:
-                        s.exemplars.append(ex)
-            for reason, n in self.translator.take_skipped().items():
-                self.tel.dropped(Signal.METRICS, n, reason)
-            if points:
-                self.tel.accepted(Signal.METRICS, points)
-            for sender, series in zip(self.senders, shards, strict=True):
-                for req in self._requests(series.values()):
-                    await sender.put(WriteBatch(req))
+            try:
+                await self._consume(batch)
+            except BaseException:
+                self._layouts.discard()
+                raise
+            self._layouts.commit(time.monotonic())
 
-    def _expand(self, p: PromPoint) -> list[tuple[str, tuple[str, str] | None, float,
-                                                  PromExemplar | None]]:
-        """The classic samples of one point: ``(name, extra label, value, exemplar)``."""
+    async def _consume(self, batch: MetricBatch) -> None:
+        """``consume`` under the lock; the layouts it stages are kept only if it returns."""
+        shards: list[dict[SeriesKey, _Series]] = [{} for _ in self.senders]
+        points = 0
+        for p in self.translator.translate(batch.request):
+            points += 1
+            # Every sample of a point (buckets, sum, count) goes to one shard.
+            shard = shards[self._shard_of(p.family, p.labels)]
+            for name, extra, value, ex in self._expand(p):
+                key = (name, p.labels, extra)
+                s = shard.get(key)
+                if s is None:
+                    s = shard[key] = _Series(key, {}, [])
+                s.samples[p.time_ms] = value
+                if ex is not None:
+                    s.exemplars.append(ex)
+        for reason, n in self.translator.take_skipped().items():
+            self.tel.dropped(Signal.METRICS, n, reason)
+        if points:
+            self.tel.accepted(Signal.METRICS, points)
+        for sender, series in zip(self.senders, shards, strict=True):
+            for req in self._requests(series.values()):
+                await sender.put(WriteBatch(req))
+
+    def _expand(self, p: PromPoint) -> list[_Sample]:
+        """The classic samples of one point: ``(name, extra label, value, exemplar)``.
+
+        Remote write ends a series only by a StaleNaN sample. When a histogram or
+        summary series ends, or its layout changes, every ``le``/``quantile`` series it
+        no longer has gets one: a bucket left live would keep ``histogram_quantile``
+        answering for Prometheus' 5-minute lookback.
+        """
         fam = p.family
         ex_on = self.config.exemplars
         if p.stale:
             if p.kind in (HISTOGRAM, SUMMARY):
-                return [(fam + "_count", None, STALE_NAN, None),
-                        (fam + "_sum", None, STALE_NAN, None)]
-            return [(sample_name(fam, p.kind), None, STALE_NAN, None)]
+                out: list[_Sample] = [(fam + "_count", None, STALE_NAN, None),
+                                      (fam + "_sum", None, STALE_NAN, None)]
+                sent = self._layouts.end((fam, p.labels))
+                if sent is not None:
+                    if p.kind == HISTOGRAM:
+                        sent = (*sent, math.inf)
+                    out.extend(_stale_extras(fam, p.kind, sent))
+                return out
+            return [(sample_name(fam, p.kind, p.total), None, STALE_NAN, None)]
         v = p.value
         if isinstance(v, HistogramValue):
             cum = v.cumulative().tolist()
             bucket = fam + "_bucket"
-            out: list[tuple[str, tuple[str, str] | None, float, PromExemplar | None]] = [
+            out = [
                 (bucket, ("le", format_float(le)), cum[i], v.exemplars.get(i) if ex_on else None)
                 for i, le in enumerate([*v.bounds, math.inf])]
             out.append((fam + "_sum", None, v.sum, None))
             out.append((fam + "_count", None, v.count, None))
+            gone = self._layouts.update((fam, p.labels), v.bounds)
+            if gone:
+                out.extend(_stale_extras(fam, p.kind, gone))
             return out
         if isinstance(v, SummaryValue):
             out = [(fam, ("quantile", format_float(q)), qv, None) for q, qv in v.quantiles]
             out.append((fam + "_sum", None, v.sum, None))
             out.append((fam + "_count", None, v.count, None))
+            gone = self._layouts.update((fam, p.labels), tuple(q for q, _ in v.quantiles))
+            if gone:
+                out.extend(_stale_extras(fam, p.kind, gone))
             return out
         assert isinstance(v, float)
         ex = p.exemplar if ex_on and p.kind == COUNTER else None
-        return [(sample_name(fam, p.kind), None, v, ex)]
+        return [(sample_name(fam, p.kind, p.total), None, v, ex)]
 
     def _shard_of(self, family: str, labels: Labels) -> int:
         """A hash of the point's identity that is stable across processes (unlike ``hash``),
@@ -275,11 +311,12 @@ class RemoteWriteExporter:
             raise RetryableError(f"{type(e).__name__}: {e}") from e
 
     async def _sweep(self) -> None:
-        """Forget the delta state of series that stopped reporting."""
+        """Forget the delta state and layouts of series that stopped reporting."""
         interval = max(1.0, min(self.config.metric_expiration / 2, 60.0))
         while True:
             await asyncio.sleep(interval)
             self.translator.expire()
+            self._layouts.expire(time.monotonic())
 
     async def shutdown(self) -> None:
         """Drain the shard queues (within their deadline) and close. Idempotent."""
@@ -310,6 +347,96 @@ class _ShardTelemetry(ComponentTelemetry):
         rows = self._totals.values()
         super().queue(signal, size=sum(r[0] for r in rows), nbytes=sum(r[1] for r in rows),
                       capacity=sum(r[2] for r in rows), oldest_age=max(r[3] for r in rows))
+
+
+def _stale_extras(family: str, kind: str, values: tuple[float, ...]) -> list[_Sample]:
+    """StaleNaN samples for the bucket series of these ``le`` bounds, or the series of
+    these quantiles."""
+    if kind == HISTOGRAM:
+        bucket = family + "_bucket"
+        return [(bucket, ("le", format_float(le)), STALE_NAN, None) for le in values]
+    return [(family, ("quantile", format_float(q)), STALE_NAN, None) for q in values]
+
+
+@dataclasses.dataclass(slots=True)
+class _Layout:
+    values: tuple[float, ...]  # the le bounds (+Inf implied) or the quantiles last sent
+    seen: float  # monotonic time of the last update
+
+
+class _Layouts:
+    """The ``le`` bounds or quantiles last queued for each histogram and summary series,
+    so that the exporter can end each of their series (see ``_expand``).
+
+    What one ``consume`` sees is staged and kept by ``commit`` only once the whole
+    batch is queued: a batch refused and sent again then ends the same series again.
+    Bounded like the translator's state: at most ``max_series`` entries (the least
+    recently updated is forgotten first; its end then marks only ``_count`` and
+    ``_sum``), and an entry not updated for ``expiration`` is forgotten by ``expire``.
+    """
+
+    def __init__(self, max_series: int, expiration: float) -> None:
+        self.max_series = max_series
+        self.expiration = expiration
+        # Least recently updated first: commit() moves an updated entry to the end.
+        self._sent: dict[tuple[str, Labels], _Layout] = {}
+        # This batch's layouts; None: the series ended.
+        self._pending: dict[tuple[str, Labels], tuple[float, ...] | None] = {}
+
+    def _last(self, key: tuple[str, Labels]) -> tuple[float, ...] | None:
+        if key in self._pending:
+            return self._pending[key]
+        entry = self._sent.get(key)
+        return None if entry is None else entry.values
+
+    def update(self, key: tuple[str, Labels], values: tuple[float, ...]) -> tuple[float, ...]:
+        """Stage ``values`` for ``key``; returns those sent before and not now (+Inf is in
+        every histogram, so it never ends by a layout change)."""
+        old = self._last(key)
+        self._pending[key] = values
+        if old is None or old is values or old == values:
+            return ()
+        keep = set(values)
+        return tuple(x for x in old if x not in keep)
+
+    def end(self, key: tuple[str, Labels]) -> tuple[float, ...] | None:
+        """Stage the end of ``key``; returns the values last sent, None if unknown."""
+        old = self._last(key)
+        self._pending[key] = None
+        return old
+
+    def commit(self, now: float) -> None:
+        """Keep what this batch staged (it is queued)."""
+        sent = self._sent
+        for key, values in self._pending.items():
+            entry = sent.pop(key, None)
+            if values is None:
+                continue
+            if entry is None:
+                if len(sent) >= self.max_series:
+                    del sent[next(iter(sent))]
+                entry = _Layout(values, now)
+            else:
+                entry.values = values
+                entry.seen = now
+            sent[key] = entry
+        self._pending.clear()
+
+    def discard(self) -> None:
+        """Forget what this batch staged (it was not queued, and will come again)."""
+        self._pending.clear()
+
+    def expire(self, now: float) -> int:
+        """Forget entries not updated for ``expiration``; returns how many."""
+        horizon = now - self.expiration
+        old = []
+        for key, entry in self._sent.items():
+            if entry.seen >= horizon:
+                break
+            old.append(key)
+        for key in old:
+            del self._sent[key]
+        return len(old)
 
 
 def _bounded_put(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
