@@ -572,6 +572,23 @@ def test_config_errors_carry_their_paths():
         assert any(e.startswith(prefix) for e in errors), (prefix, errors)
 
 
+def test_annotation_names_must_be_valid_alertmanager_names(tmp_path):
+    rule = {"name": "GpuHot", "metric": "m",
+            "annotations": {"runbook-url": "http://wiki/{{ alertname }}", "summary": "hot"}}
+    assert _errors({"rules": [rule]}) == [
+        "exporters.alerts.rules[0].annotations.runbook-url: rule 'GpuHot': annotation names "
+        "must match [a-zA-Z_][a-zA-Z0-9_]* (Alertmanager refuses the alert otherwise), "
+        "e.g. 'runbook_url'"]
+    # The same check in a rules file, which fails start with the file named.
+    path = tmp_path / "rules.toml"
+    path.write_text('[[rules]]\nname = "GpuHot"\nmetric = "m"\n'
+                    'annotations = { "runbook-url" = "http://wiki" }\n')
+    with pytest.raises(ConfigError) as info:
+        load_rules_file(path)
+    assert info.value.source == str(path)
+    assert [e.split(":")[0] for e in info.value.errors] == ["rules[0].annotations.runbook-url"]
+
+
 @dataclass
 class _NoConfig:
     pass

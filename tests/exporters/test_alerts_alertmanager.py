@@ -7,10 +7,12 @@ on the fake clock must be in the past for Alertmanager too.
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -18,6 +20,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
 from agent.config import parse_duration
+from agent.exporters.alerts.notifiers.base import rfc3339
 from agent.pdata import MetricBatch
 from agent.telemetry import Telemetry
 from agent.testing import make_host
@@ -26,6 +29,11 @@ from tests.exporters.test_alerts import FakeClock, feed, make_exporter
 from tests.notify_contract import ContractServer
 
 LABEL_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def valid_name(name: str) -> bool:
+    """Alertmanager's rule for label and annotation names: ``[a-zA-Z_][a-zA-Z0-9_]*``."""
+    return bool(name) and set(name) <= LABEL_NAME_OK and not name[0].isdigit()
 
 
 def ts(text: str) -> float:
@@ -46,7 +54,9 @@ class AlertmanagerRecorder(ContractServer):
             if not labels:
                 problems.append("invalid label set: empty")
             problems += [f"invalid label set: invalid name {k!r}" for k in labels
-                         if not k or not set(k) <= LABEL_NAME_OK or k[0].isdigit()]
+                         if not valid_name(k)]
+            problems += [f'invalid annotations: invalid name "{k}"'
+                         for k in a.get("annotations") or {} if not valid_name(k)]
             for key in ("startsAt", "endsAt"):
                 ts(a[key])  # RFC 3339 or the test fails
         return problems
@@ -101,6 +111,27 @@ async def test_pending_alerts_are_not_sent_and_400_is_not_retried(tmp_path):
     assert clock.sleeps == []
     snap = tel.snapshot("alerts")
     assert snap["mlagent_agent_dropped_items_total{reason=alertmanager:rejected,signal=alerts}"] == 1
+
+
+async def test_recorder_refuses_annotation_names_like_the_real_alertmanager(tmp_path):
+    """The recorder's contract, checked against Alertmanager 0.25: a bad annotation name
+    is a 400 naming it (the good alerts of the batch are still stored)."""
+    now = rfc3339(time.time())
+    batch = [{"labels": {"alertname": "Bad"}, "annotations": {"runbook-url": "http://wiki"},
+              "startsAt": now, "endsAt": rfc3339(time.time() + 300)},
+             {"labels": {"alertname": "Good"}, "annotations": {"runbook_url": "http://wiki"},
+              "startsAt": now, "endsAt": rfc3339(time.time() + 300)}]
+    answers = []
+    async with running_alertmanager(tmp_path / "am") as real, AlertmanagerRecorder() as rec:
+        async with aiohttp.ClientSession() as s:
+            for url in (f"{real.url}/api/v2/alerts", rec.url):
+                async with s.post(url, json=batch) as r:
+                    answers.append((r.status, await r.text()))
+        assert [a["labels"]["alertname"] for a in await real.alerts()] == ["Good"]
+    (real_status, real_body), (rec_status, rec_body) = answers
+    assert real_status == rec_status == 400
+    # Alertmanager answers a JSON string; the recorder plain text.
+    assert json.loads(real_body) == rec_body == 'invalid annotations: invalid name "runbook-url"'
 
 
 class Inference:

@@ -22,6 +22,7 @@ from agent.config import ConfigError, Duration, _did_you_mean, decode_dataclass
 from agent.queue import RetryConfig
 
 LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_INVALID_LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")
 # ``{{ value }}``, ``{{ labels.service_name }}``: the whole template language.
 TEMPLATE_RE = re.compile(r"\{\{\s*(.*?)\s*\}\}")
 TEMPLATE_NAMES = ("value", "threshold", "alertname", "metric", "severity")
@@ -30,6 +31,12 @@ MATCHER_PREFIXES = ("!~", "!=", "~", "!", "=")
 
 Op = Literal[">", ">=", "<", "<=", "==", "!="]
 Aggregate = Literal["max", "min", "avg", "sum", "count"]
+
+
+def sanitize_label(name: str) -> str:
+    """An attribute name as an Alertmanager label name (``service.name`` -> ``service_name``)."""
+    out = _INVALID_LABEL_CHARS.sub("_", name)
+    return out if out and not out[0].isdigit() else "_" + out
 
 
 def check_template(text: str, path: str, *, allow_value: bool = True) -> list[str]:
@@ -142,6 +149,11 @@ class RuleConfig:
                               f"{'name' if key == 'alertname' else 'severity'}")
             errors += check_template(value, f"labels.{key}", allow_value=False)
         for key, value in self.annotations.items():
+            if not LABEL_NAME_RE.match(key):
+                # Alertmanager answers 400 "invalid annotations: invalid name" to every send.
+                errors.append(f"annotations.{key}: rule {self.name!r}: annotation names must "
+                              f"match [a-zA-Z_][a-zA-Z0-9_]* (Alertmanager refuses the alert "
+                              f"otherwise), e.g. {sanitize_label(key)!r}")
             errors += check_template(value, f"annotations.{key}")
         return errors
 

@@ -4,7 +4,8 @@
 ``SeriesStore`` (cheap, never blocks, never raises). Every ``interval`` the
 evaluator runs the rules, the resulting transitions and active alerts are handed
 to each notifier (which queue and send on their own tasks), and the alert table is
-saved to the state directory.
+saved to the state directory, with what each notifier's peer acknowledged so far
+(so a restart offers again what was lost, and nothing that arrived).
 
 Time comes from an injectable ``Clock``: tests pass a fake one and drive
 ``evaluate_now()`` instead of waiting for the periodic loop (which sleeps in real
@@ -30,6 +31,7 @@ from agent.exporters.alerts.config import (
 )
 from agent.exporters.alerts.evaluator import Evaluator
 from agent.exporters.alerts.notifiers import Clock, NotifyContext, SystemClock, build_notifiers
+from agent.exporters.alerts.notifiers.base import EventNotifier
 from agent.exporters.alerts.rules import CompiledRule
 from agent.exporters.alerts.series import SeriesStore
 from agent.exporters.alerts.state import Alert, StateFile, state_path
@@ -57,10 +59,10 @@ class AlertsExporter:
             raise ConfigError(errors, settings.id)
         self.store = SeriesStore(set(), max_series=config.max_series,
                                  max_exemplars=config.max_exemplars, telemetry=self.tel)
-        self.evaluator = self._make_evaluator(self._inline_rules)
         self.ctx = NotifyContext(settings.id, self.tel, self.clock, config.interval,
                                  config.external_url)
         self.notifiers = build_notifiers(self._notifier_configs, self.ctx)
+        self.evaluator = self._make_evaluator(self._inline_rules)
         self._state: StateFile | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._eval_lock = asyncio.Lock()
@@ -77,9 +79,11 @@ class AlertsExporter:
         # long as any Alertmanager notifier wants them.
         keep = max((c.resolved_retention for c in self._notifier_configs.values()
                     if isinstance(c, AlertmanagerConfig) and c.send_resolved), default=0.0)
+        events = [n for n in self.notifiers if isinstance(n, EventNotifier)]
         return Evaluator(compiled, self.store, staleness=self.cfg.staleness,
                          max_alerts=self.cfg.max_alerts, keep_resolved=keep,
-                         trace_link_template=self.cfg.trace_link_template, telemetry=self.tel)
+                         trace_link_template=self.cfg.trace_link_template, telemetry=self.tel,
+                         unsettled=lambda fp: any(n.unsettled(fp) for n in events))
 
     @property
     def rules(self) -> list[CompiledRule]:
@@ -106,15 +110,23 @@ class AlertsExporter:
             rules = [r for r in shipped if r.name not in mine] + rules
         self.evaluator = self._make_evaluator(rules)
         self._state = StateFile(state_path(host.state_dir, self.settings.id))
-        alerts, problems = await asyncio.to_thread(self._state.load)
+        tracked = {n.id for n in self.notifiers if isinstance(n, EventNotifier)}
+        alerts, problems = await asyncio.to_thread(self._state.load, tracked)
         for p in problems:
             self.tel.warn("state", "unreadable_alert_state", detail=p)
+        for a in alerts:  # a notifier a reload removed owes nothing any more
+            a.delivered = {k: v for k, v in a.delivered.items() if k in tracked}
         self.evaluator.restore(alerts, self.clock.time(), self.cfg.restore_grace)
         self._saved_nonempty = bool(alerts)
         self.ctx.report = lambda status, error: host.report_status(self.settings.id, status, error)
         self.ctx.session = aiohttp.ClientSession()
+        restored = list(self.evaluator.table.values())
         for n in self.notifiers:
             n.start()
+            try:  # what a peer did not acknowledge before the restart goes out now
+                n.resume(restored)
+            except Exception as e:  # one notifier's bug must not stop the others
+                self.tel.error(f"notifier {n.id} failed to queue alerts", error=repr(e))
         self._loop_task = asyncio.create_task(self._loop(), name=f"{self.settings.id}-evaluate")
         self._started = True
         self.tel.info("started", rules=len(rules), restored_alerts=len(alerts),
@@ -151,8 +163,11 @@ class AlertsExporter:
     async def _save(self, alerts: list[Alert]) -> None:
         if self._state is None or (not alerts and not self._saved_nonempty):
             return
+        # Copied here, on the event loop: the notifiers' tasks record their peers'
+        # answers on the alerts (``delivered``) while the file is being written.
+        records = [a.to_json() for a in alerts]
         try:
-            await asyncio.to_thread(self._state.save, alerts)
+            await asyncio.to_thread(self._state.save, records)
             self._saved_nonempty = bool(alerts)
         except OSError as e:
             self.tel.warn("state", "alert_state_not_saved", error=e, path=str(self._state.path))
@@ -166,15 +181,19 @@ class AlertsExporter:
                 self.tel.error("rule evaluation failed", error=repr(e))
 
     async def shutdown(self) -> None:
-        """Stop evaluating, save the state, drain the notifiers within ``shutdown_timeout``."""
+        """Stop evaluating, save the state, drain the notifiers within ``shutdown_timeout``,
+        and save again with what the peers acknowledged meanwhile."""
         if self._stopped:
             return
         self._stopped = True
         await cancel_tasks(self._loop_task)
         self._loop_task = None
+        # Saved before draining too: the service's own deadline may cancel the drain.
         if self._started:
             await self._save(list(self.evaluator.table.values()))
         await asyncio.gather(*(n.shutdown(self.cfg.shutdown_timeout) for n in self.notifiers))
+        if self._started:
+            await self._save(list(self.evaluator.table.values()))
         if self.ctx.session is not None:
             await self.ctx.session.close()
             self.ctx.session = None

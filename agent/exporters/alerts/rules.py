@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.exporters.alerts.config import TEMPLATE_RE, RuleConfig
+from agent.exporters.alerts.config import TEMPLATE_RE, RuleConfig, sanitize_label
 from agent.exporters.alerts.series import Point, Series, SeriesStore, bucket_quantile
 
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -29,13 +29,6 @@ _AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {
     "avg": lambda v: float(v.mean()), "sum": lambda v: float(v.sum()),
     "count": lambda v: float(v.size),
 }
-_INVALID_LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")
-
-
-def sanitize_label(name: str) -> str:
-    """An attribute name as an Alertmanager label name (``service.name`` -> ``service_name``)."""
-    out = _INVALID_LABEL_CHARS.sub("_", name)
-    return out if out and not out[0].isdigit() else "_" + out
 
 
 def fingerprint(labels: Mapping[str, str]) -> str:

@@ -7,6 +7,14 @@ failing destination never holds up the evaluation, the pipeline, or any other
 notifier. Every outcome is counted: ``mlagent_agent_alert_notifications{notifier,
 outcome}`` and the component's ``sent`` / ``send_failed`` / ``dropped`` events
 (signal label ``alerts``, items = alerts).
+
+Notifiers that report transitions (``EventNotifier``: Slack, PagerDuty, webhook) do
+not trust a message to arrive: each alert records the last state its peer answered
+for (``Alert.delivered``, persisted with the alert), and at start and every
+evaluation an alert whose recorded state differs from its own is offered again,
+unless a message about it is still queued or in flight. So a trigger or resolve
+lost to an outage longer than the retry budget, a full queue or a shutdown is sent
+once the peer is back, and a restart does not forget it.
 """
 
 from __future__ import annotations
@@ -25,10 +33,18 @@ import aiohttp
 from agent.component import PermanentError, RetryableError, Status, cancel_tasks
 from agent.exporters.alerts.config import NotifierConfig
 from agent.exporters.alerts.evaluator import Update
+from agent.exporters.alerts.state import Alert, Delivered
 from agent.httputil import parse_retry_after
+from agent.queue.sender import MAX_HINT_S
 from agent.telemetry import ComponentTelemetry
 
 SIGNAL = "alerts"  # the telemetry signal label of notification items
+
+# Called once per offered payload with whether the peer answered for it: True when it
+# accepted it, refused it for good (a 4xx: the same message would be refused again) or
+# the payload broke the sender; False when it was dropped unanswered (retries
+# exhausted, queue full, shutdown), so that it is worth offering again.
+Done = Callable[[bool], None]
 
 
 class Clock(Protocol):
@@ -78,7 +94,8 @@ class NotifyContext:
     def __post_init__(self) -> None:
         self.outcomes = self.telemetry.counter(
             "mlagent_agent_alert_notifications",
-            "Alert notifications by notifier and outcome (sent, failed attempt, dropped).",
+            "Alert notifications by notifier and outcome (sent, failed attempt, dropped, "
+            "resent: offered again because the peer never acknowledged it).",
             ("notifier", "outcome"))
 
     def count(self, notifier: str, outcome: str, n: int = 1) -> None:
@@ -124,8 +141,10 @@ class Channel:
     """One destination: a bounded queue and one task that sends from it, with retries.
 
     ``send(payload)`` raises ``RetryableError`` (retried with backoff, honouring
-    ``retry_after``) or ``PermanentError`` (dropped, counted, logged). Connection
-    errors and timeouts are retryable. ``min_interval`` spaces attempts (rate limits).
+    ``retry_after`` up to ``MAX_HINT_S``) or ``PermanentError`` (dropped, counted,
+    logged). Connection errors and timeouts are retryable. Retries stop once
+    ``retry.max_elapsed_time`` has passed since the first attempt (0: never), with a
+    last attempt at that deadline. ``min_interval`` spaces attempts (rate limits).
     """
 
     def __init__(self, ctx: NotifyContext, notifier_id: str, cfg: NotifierConfig,
@@ -135,16 +154,23 @@ class Channel:
         self.cfg = cfg
         self._send = send
         self.min_interval = min_interval
-        self._q: asyncio.Queue[tuple[Any, int]] = asyncio.Queue(maxsize=cfg.queue_size)
+        self._q: asyncio.Queue[tuple[Any, int, Done | None]] = asyncio.Queue(
+            maxsize=cfg.queue_size)
         self._task: asyncio.Task[None] | None = None
         self._next_slot = -float("inf")
 
-    def offer(self, payload: Any, n_alerts: int) -> None:
-        """Queue a payload about ``n_alerts`` alerts, or drop and count it when full."""
+    def offer(self, payload: Any, n_alerts: int, done: Done | None = None) -> None:
+        """Queue a payload about ``n_alerts`` alerts, or drop and count it when full.
+
+        ``done`` is called exactly once with the outcome (see ``Done``); at once when
+        the queue is full, otherwise from the channel's task or its shutdown.
+        """
         try:
-            self._q.put_nowait((payload, n_alerts))
+            self._q.put_nowait((payload, n_alerts, done))
         except asyncio.QueueFull:
             self._dropped(n_alerts, "queue_full", None)
+            if done is not None:
+                done(False)
 
     def start(self) -> None:
         if self._task is None:
@@ -164,24 +190,33 @@ class Channel:
             self._task = None
         left = 0
         while not self._q.empty():
-            left += self._q.get_nowait()[1]
+            _payload, n, done = self._q.get_nowait()
+            left += n
+            if done is not None:
+                done(False)
         if left:
             self._dropped(left, "shutdown", None)
 
     async def _run(self) -> None:
         while True:
-            payload, n = await self._q.get()
+            payload, n, done = await self._q.get()
+            answered = False
             try:
-                await self._deliver(payload, n)
+                answered = await self._deliver(payload, n)
             except asyncio.CancelledError:
                 self._dropped(n, "shutdown", None)
                 raise
             except Exception as e:  # never let one bad payload stop the channel
                 self._dropped(n, "error", e)
+                answered = True  # offering it again would only repeat the error
             finally:
+                # Before task_done: whoever drains the queue sees the outcome recorded.
+                if done is not None:
+                    done(answered)
                 self._q.task_done()
 
-    async def _deliver(self, payload: Any, n: int) -> None:
+    async def _deliver(self, payload: Any, n: int) -> bool:
+        """Send with retries; whether the peer answered (accepted or refused for good)."""
         clock, retry = self.ctx.clock, self.cfg.retry
         started = clock.monotonic()
         interval = retry.initial_interval
@@ -194,27 +229,32 @@ class Channel:
                 await self._send(payload)
             except PermanentError as e:
                 self._dropped(n, "rejected", e)
-                return
+                return True
             except (RetryableError, aiohttp.ClientError, TimeoutError, OSError) as e:
                 self.ctx.count(self.nid, "failed", n)
                 self.ctx.telemetry.send_failed(SIGNAL, n, f"{self.nid}:{type(e).__name__}", e)
-                # The peer's Retry-After wins; our own backoff grows only when it is used.
+                elapsed, limit = clock.monotonic() - started, retry.max_elapsed_time
+                if not retry.enabled or (limit > 0 and elapsed >= limit):
+                    self._dropped(n, "retries_exhausted", e)
+                    return False
+                # The peer's Retry-After wins, up to the bound the sending queue applies
+                # (a hostile "Retry-After: 86400" must not park the channel); our own
+                # backoff grows only when it is used.
                 hint = getattr(e, "retry_after", None)
                 if hint is not None:
-                    delay = hint
+                    delay = min(max(0.0, hint), max(retry.max_interval, MAX_HINT_S))
                 else:
                     delay = interval * (1 + retry.randomization_factor * (2 * random.random() - 1))
                     interval = min(interval * retry.multiplier, retry.max_interval)
-                if not retry.enabled or clock.monotonic() - started + delay > retry.max_elapsed_time:
-                    self._dropped(n, "retries_exhausted", e)
-                    return
+                if limit > 0:  # a last attempt at the deadline, never a drop before it
+                    delay = min(delay, limit - elapsed)
                 self.ctx.telemetry.retried(SIGNAL)
                 await clock.sleep(delay)
             else:
                 self.ctx.count(self.nid, "sent", n)
                 self.ctx.telemetry.sent(SIGNAL, n)
                 self.ctx.failing(self.nid, None)
-                return
+                return True
 
     def _dropped(self, n: int, reason: str, error: BaseException | None) -> None:
         self.ctx.count(self.nid, "dropped", n)
@@ -235,6 +275,10 @@ class Notifier:
         """Pick what to send from ``update`` and queue it. Must not block or raise."""
         raise NotImplementedError
 
+    def resume(self, alerts: list[Alert]) -> None:
+        """Called once after ``start`` with the alerts restored from disk: offer what the
+        peer has not acknowledged yet. Must not block or raise. Nothing by default."""
+
     def start(self) -> None:
         for ch in self.channels:
             ch.start()
@@ -248,5 +292,80 @@ class Notifier:
 
 
 def transitions_to_send(update: Update, send_resolved: bool) -> list[Any]:
-    """The transitions a per-event notifier (Slack, PagerDuty, webhook, log) reports."""
+    """The transitions the ``log`` notifier reports."""
     return [a for a in update.transitions if a.state == "firing" or send_resolved]
+
+
+class EventNotifier(Notifier):
+    """A notifier that tells its peer about transitions and makes sure the peer heard.
+
+    ``due`` picks the alerts whose peer-side state (``Alert.delivered[id]``, or what is
+    queued or in flight) differs from their own: a firing alert the peer has not
+    acknowledged as firing, a resolved one it acknowledged as firing but not as
+    resolved (a peer that never heard of an alert gets no resolve). Pending alerts are
+    not sent. Subclasses build the payloads and queue them with ``offer``. At most one
+    message per alert is queued or in flight, so what is held stays within the queue.
+    """
+
+    def __init__(self, notifier_id: str, ctx: NotifyContext, cfg: NotifierConfig) -> None:
+        super().__init__(notifier_id, ctx)
+        self.cfg = cfg
+        # fingerprint -> (state offered, the offer's token) for messages not yet settled.
+        self._queued: dict[str, tuple[Delivered, object]] = {}
+
+    def notify(self, update: Update) -> None:
+        changed = {a.fingerprint for a in update.transitions}
+        self.send(self.due(update.alerts), changed)
+
+    def unsettled(self, fingerprint: str) -> bool:
+        """Whether a message about this alert is queued or in flight."""
+        return fingerprint in self._queued
+
+    def resume(self, alerts: list[Alert]) -> None:
+        self.send(self.due(alerts), set())
+
+    def send(self, alerts: list[Alert], changed: set[str]) -> None:
+        """Queue one or more messages reporting the current state of ``alerts``; those
+        whose fingerprint is not in ``changed`` are offered again (counted ``resent``)."""
+        raise NotImplementedError
+
+    def due(self, alerts: list[Alert]) -> list[Alert]:
+        """The alerts to report now (see the class docstring)."""
+        out = []
+        for a in alerts:
+            if a.state == "pending":
+                continue
+            queued = self._queued.get(a.fingerprint)
+            heard = queued[0] if queued is not None else a.delivered.get(self.id)
+            if a.state == "firing":
+                if heard != "firing":
+                    out.append(a)
+            elif heard == "firing":
+                if self.cfg.send_resolved:
+                    out.append(a)
+                elif queued is None:  # nothing to send by configuration: settled
+                    a.delivered[self.id] = "resolved"
+        return out
+
+    def offer(self, channel: Channel, payload: Any, alerts: list[Alert],
+              changed: set[str]) -> None:
+        """Queue ``payload`` about ``alerts`` (in their current state) on ``channel``,
+        and record the peer's answer on each alert when it comes."""
+        token = object()
+        sent: list[tuple[Alert, Delivered]] = []
+        for a in alerts:
+            state: Delivered = "firing" if a.state == "firing" else "resolved"
+            sent.append((a, state))
+            self._queued[a.fingerprint] = (state, token)
+        again = sum(a.fingerprint not in changed for a in alerts)
+        if again:
+            self.ctx.count(self.id, "resent", again)
+
+        def done(answered: bool) -> None:
+            for a, state in sent:
+                if answered:
+                    a.delivered[self.id] = state
+                if self._queued.get(a.fingerprint, (None, None))[1] is token:
+                    del self._queued[a.fingerprint]
+
+        channel.offer(payload, len(alerts), done)

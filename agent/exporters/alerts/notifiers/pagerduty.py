@@ -1,7 +1,9 @@
 """PagerDuty Events API v2: ``trigger`` when an alert fires, ``resolve`` when it ends.
 
 ``dedup_key`` is the alert's fingerprint (a stable hash of its label set), so a
-resolve closes the incident its trigger opened, retries and restarts included.
+resolve closes the incident its trigger opened, retries and restarts included, and
+a trigger offered again after an outage (see ``EventNotifier``) adds to the same
+incident instead of opening a second one.
 Rule severities map onto PagerDuty's four (``critical|error|warning|info``; common
 synonyms such as ``page`` or ``high`` are understood, others use
 ``default_severity``). 202 is success; 429 and 5xx are retried, 400 never.
@@ -13,14 +15,12 @@ import socket
 from typing import Any
 
 from agent.exporters.alerts.config import PagerDutyConfig
-from agent.exporters.alerts.evaluator import Update
 from agent.exporters.alerts.notifiers.base import (
     Channel,
-    Notifier,
+    EventNotifier,
     NotifyContext,
     post_json,
     rfc3339,
-    transitions_to_send,
 )
 from agent.exporters.alerts.rules import format_value
 from agent.exporters.alerts.state import Alert
@@ -34,21 +34,22 @@ SEVERITIES = {
 }
 
 
-class PagerDutyNotifier(Notifier):
+class PagerDutyNotifier(EventNotifier):
     """Sends trigger and resolve events to one PagerDuty service (its routing key)."""
 
+    cfg: PagerDutyConfig
+
     def __init__(self, notifier_id: str, cfg: PagerDutyConfig, ctx: NotifyContext) -> None:
-        super().__init__(notifier_id, ctx)
-        self.cfg = cfg
+        super().__init__(notifier_id, ctx, cfg)
         self.source = cfg.source or socket.gethostname()
         self.channels.append(Channel(ctx, notifier_id, cfg, self._post))
 
     async def _post(self, event: dict[str, Any]) -> None:
         await post_json(self.ctx, self.cfg.url, event, self.cfg.timeout)
 
-    def notify(self, update: Update) -> None:
-        for a in transitions_to_send(update, self.cfg.send_resolved):
-            self.channels[0].offer(self.event(a), 1)
+    def send(self, alerts: list[Alert], changed: set[str]) -> None:
+        for a in alerts:
+            self.offer(self.channels[0], self.event(a), [a], changed)
 
     def severity(self, a: Alert) -> str:
         return SEVERITIES.get(a.labels.get("severity", "").lower(), self.cfg.default_severity)

@@ -1,7 +1,9 @@
 """Slack incoming webhooks: one message per alert transition, ``text`` plus ``blocks``.
 
 ``text`` is always set (it is what notifications and screen readers show); blocks add
-the summary, description, labels and a link to an example trace. Messages to one
+the summary, description, labels and a link to an example trace. A message the
+webhook never acknowledged is posted again later (see ``EventNotifier``): a repeat
+after an outage is better than a page nobody saw. Messages to one
 webhook are spaced by ``1 / rate_limit`` seconds (Slack allows about one per second);
 429 (honouring ``Retry-After``) and 5xx are retried, anything else is dropped.
 """
@@ -11,13 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from agent.exporters.alerts.config import SlackConfig
-from agent.exporters.alerts.evaluator import Update
 from agent.exporters.alerts.notifiers.base import (
     Channel,
-    Notifier,
+    EventNotifier,
     NotifyContext,
     post_json,
-    transitions_to_send,
 )
 from agent.exporters.alerts.state import Alert
 
@@ -62,18 +62,19 @@ def message(a: Alert) -> dict[str, Any]:
     return {"text": f"[{status}] {name} ({severity}): {summary}", "blocks": blocks}
 
 
-class SlackNotifier(Notifier):
+class SlackNotifier(EventNotifier):
     """Posts transitions to one Slack incoming webhook."""
 
+    cfg: SlackConfig
+
     def __init__(self, notifier_id: str, cfg: SlackConfig, ctx: NotifyContext) -> None:
-        super().__init__(notifier_id, ctx)
-        self.cfg = cfg
+        super().__init__(notifier_id, ctx, cfg)
         self.channels.append(Channel(ctx, notifier_id, cfg, self._post,
                                      min_interval=1.0 / cfg.rate_limit))
 
     async def _post(self, body: dict[str, Any]) -> None:
         await post_json(self.ctx, self.cfg.webhook_url, body, self.cfg.timeout)
 
-    def notify(self, update: Update) -> None:
-        for a in transitions_to_send(update, self.cfg.send_resolved):
-            self.channels[0].offer(message(a), 1)
+    def send(self, alerts: list[Alert], changed: set[str]) -> None:
+        for a in alerts:
+            self.offer(self.channels[0], message(a), [a], changed)

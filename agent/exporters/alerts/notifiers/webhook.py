@@ -1,7 +1,8 @@
 """Webhooks in Alertmanager's webhook format (version 4), so existing receivers work.
 
 One message per rule per evaluation that changed something, carrying the alerts of
-that rule that started firing or resolved; ``groupKey`` and ``groupLabels`` group by
+that rule that started firing or resolved (or whose earlier message the receiver
+never acknowledged, see ``EventNotifier``); ``groupKey`` and ``groupLabels`` group by
 ``alertname``. 2xx is success; 429 and 5xx are retried, other statuses dropped.
 """
 
@@ -10,14 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from agent.exporters.alerts.config import WebhookConfig
-from agent.exporters.alerts.evaluator import Update
 from agent.exporters.alerts.notifiers.base import (
     Channel,
-    Notifier,
+    EventNotifier,
     NotifyContext,
     post_json,
     rfc3339,
-    transitions_to_send,
 )
 from agent.exporters.alerts.state import Alert
 
@@ -29,24 +28,25 @@ def _common(maps: list[dict[str, str]]) -> dict[str, str]:
     return {k: v for k, v in first.items() if all(m.get(k) == v for m in rest)}
 
 
-class WebhookNotifier(Notifier):
+class WebhookNotifier(EventNotifier):
     """Posts Alertmanager-webhook-compatible JSON to one URL."""
 
+    cfg: WebhookConfig
+
     def __init__(self, notifier_id: str, cfg: WebhookConfig, ctx: NotifyContext) -> None:
-        super().__init__(notifier_id, ctx)
-        self.cfg = cfg
+        super().__init__(notifier_id, ctx, cfg)
         self.receiver = cfg.receiver or notifier_id
         self.channels.append(Channel(ctx, notifier_id, cfg, self._post))
 
     async def _post(self, body: dict[str, Any]) -> None:
         await post_json(self.ctx, self.cfg.url, body, self.cfg.timeout)
 
-    def notify(self, update: Update) -> None:
+    def send(self, alerts: list[Alert], changed: set[str]) -> None:
         by_rule: dict[str, list[Alert]] = {}
-        for a in transitions_to_send(update, self.cfg.send_resolved):
+        for a in alerts:
             by_rule.setdefault(a.rule, []).append(a)
-        for rule, alerts in by_rule.items():
-            self.channels[0].offer(self.message(rule, alerts), len(alerts))
+        for rule, group in by_rule.items():
+            self.offer(self.channels[0], self.message(rule, group), group, changed)
 
     def message(self, rule: str, alerts: list[Alert]) -> dict[str, Any]:
         """The webhook body for the transitions of one rule."""
