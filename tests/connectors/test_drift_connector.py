@@ -22,7 +22,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from agent.component import Kind, PermanentError, RetryableError, Signal, Status
 from agent.config import decode_dataclass
 from agent.connectors.drift import DriftConfig, factory
-from agent.connectors.drift.reference import Reference, SubjectKey, reference_from_values
+from agent.connectors.drift.reference import (
+    NumericHist,
+    Reference,
+    SubjectKey,
+    reference_from_values,
+)
 from agent.pdata import TraceBatch, attributes_to_dict
 from agent.registry import FACTORIES
 from agent.telemetry import Telemetry
@@ -353,7 +358,9 @@ async def test_histograms_are_cumulative_on_frozen_edges(tmp_path) -> None:
         [(a1, first)] = h.points("mlagent.drift.histogram", 0, signal="feature:x")
         [(_, second)] = h.points("mlagent.drift.histogram", 1, signal="feature:x")
         ref = Reference.load(next((tmp_path / "state" / "references").glob("*.json")))
-        assert list(first.explicit_bounds) == ref.features["x"].edges.tolist()
+        # OTLP bounds are upper-inclusive: one ulp below the (lower-inclusive) edges.
+        assert list(first.explicit_bounds) == np.nextafter(ref.features["x"].edges,
+                                                           -np.inf).tolist()
         assert len(first.bucket_counts) == len(first.explicit_bounds) + 1
         assert first.count == 150 and second.count == 400
         assert second.start_time_unix_nano == first.start_time_unix_nano
@@ -477,3 +484,114 @@ async def test_the_window_timer_closes_windows(tmp_path) -> None:
                   for _, dp in h.points("mlagent.prediction.count", b)]
         assert counts[0] == 10
         await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("odd", [float("nan"), "n/a", True])
+async def test_a_missing_value_in_a_numeric_baseline_keeps_the_feature_numeric(
+        tmp_path, odd: Any) -> None:
+    """One NaN/string/boolean among 1,000 numbers used to make ``x`` categorical (1,000
+    one-off categories), so every later window alarmed (data drift, p ~ 0)."""
+    rng = np.random.default_rng(12)
+
+    def rows(n: int, first: Any = None) -> TraceBatch:
+        xs: list[Any] = rng.normal(0.0, 1.0, n).tolist()
+        if first is not None:
+            xs[0] = first
+        return trace_batch({"svc": [span(attributes={
+            "ml.model.name": "m", "ml.model.version": "1",
+            "ml.prediction.score": float(s), "ml.feature.x": x})
+            for s, x in zip(rng.beta(8, 2, n), xs, strict=True)]})
+
+    async with Harness(tmp_path) as h:
+        await h.conn.consume(rows(1000, first=odd))
+        assert h.dropped("non_numeric_feature") == 1
+        ref = h.conn.subjects[SubjectKey("svc", "m", "1")].ref
+        assert ref is not None and isinstance(ref.features["x"], NumericHist)
+        assert ref.features["x"].counts.sum() == 999
+        for _ in range(3):
+            await h.conn.consume(rows(1000))
+            await h.conn.evaluate_now()
+            assert h.detected()["data"] == 0.0
+
+
+async def test_histogram_buckets_mean_what_otlp_says(tmp_path) -> None:
+    """OTLP bucket i counts (bounds[i-1], bounds[i]] (Prometheus: values <= le). Values
+    exactly on an edge (every value of a 0/1 feature) used to be one bucket too high:
+    the 68 zeros were not in `le="0"` but counted with the ones under `le="1"`."""
+    rng = np.random.default_rng(13)
+    cfg = replace(DriftConfig(), baseline_size=200, min_window_count=10)
+
+    def rows(xs: np.ndarray) -> TraceBatch:
+        return trace_batch({"svc": [span(attributes={
+            "ml.model.name": "m", "ml.model.version": "1", "ml.feature.x": float(x)})
+            for x in xs]})
+
+    async with Harness(tmp_path, cfg) as h:
+        await h.conn.consume(rows((rng.random(200) < 0.3).astype(float)))
+        window = np.r_[(rng.random(100) < 0.3).astype(float), [-1.0, 0.5, 2.0]]
+        await h.conn.consume(rows(window))
+        await h.conn.evaluate_now()
+        [(_, dp)] = h.points("mlagent.drift.histogram", signal="feature:x")
+        bounds = np.asarray(dp.explicit_bounds)
+        otlp = np.bincount(np.searchsorted(bounds, window, side="left"),
+                           minlength=len(bounds) + 1)
+        assert list(dp.bucket_counts) == otlp.tolist()
+        for le, below in zip(bounds, np.cumsum(dp.bucket_counts), strict=False):
+            assert below == np.sum(window <= le)  # what a Prometheus `le` bucket claims
+
+
+async def test_canary_anchor_is_the_version_first_seen_live(tmp_path) -> None:
+    """One per-model reference file serves "9" (stable, seen first) and "10" (canary):
+    the anchor used to be the smaller version string, "10", so the stable version was
+    judged against the canary. The first-seen times survive a restart."""
+    rng = np.random.default_rng(14)
+    ref = reference_from_values(SubjectKey(None, "m", None), labels=[], features={},
+                                scores=rng.beta(8, 2, 5000).tolist(), n=5000, bins=10,
+                                max_categories=50, low_cut=0.5, source="file")
+    ref.save(tmp_path / "m.json")
+    cfg = replace(DriftConfig(), reference_files=[tmp_path / "m.json"])
+    now = [1000.0]
+
+    def scores(version: str, n: int, beta: tuple[float, float]) -> TraceBatch:
+        return trace_batch({"svc": [span(attributes={
+            "ml.model.name": "m", "ml.model.version": version, "ml.prediction.score": float(s)})
+            for s in rng.beta(*beta, n)]})
+
+    for order in (("9", "10"), ("10", "9")):  # after the restart, the canary speaks first
+        async with Harness(tmp_path, cfg) as h:
+            h.conn.clock = lambda: now[0]
+            for _ in range(2):
+                for v in order:
+                    now[0] += 1.0
+                    await h.conn.consume(scores(v, 1000, (8, 2) if v == "9" else (3, 3)))
+                await h.conn.evaluate_now()
+            subjects = h.conn.subjects
+            assert subjects[SubjectKey("svc", "m", "10")].anchor == SubjectKey("svc", "m", "9")
+            assert subjects[SubjectKey("svc", "m", "9")].anchor is None
+            assert h.detected(**{"baseline.version": "9", "ml.model.version": "10"})[
+                "confidence"] == 1.0
+
+
+async def test_learned_references_are_bounded_in_memory_and_on_disk(tmp_path) -> None:
+    """30 rotating versions: every learned reference used to stay in memory (30) and on
+    disk (30), and start read them all. Now memory holds at most max_subjects, disk at
+    most max_learned_references (least recently used deleted), and a subject's file is
+    read when it appears again."""
+    rng = np.random.default_rng(15)
+    cfg = replace(DriftConfig(), baseline_size=100, min_window_count=10, max_subjects=5,
+                  max_learned_references=10)
+    refs = tmp_path / "state" / "references"
+    async with Harness(tmp_path, cfg) as h:
+        for v in range(30):
+            await h.conn.consume(batch_of(rng, 100, version=str(v)))
+            for _ in range(12):  # idle long enough to be forgotten
+                await h.conn.evaluate_now()
+        assert len(h.conn._saved) <= 5
+        assert len(list(refs.glob("*.json"))) == 10
+    async with Harness(tmp_path, cfg) as h:
+        assert len(h.conn._saved) == 0  # nothing read at start
+        await h.conn.consume(batch_of(rng, 50, version="29"))
+        subj = h.conn.subjects[SubjectKey("svc", "m", "29")]
+        assert subj.ref is not None and subj.baseline is None  # its file, read on demand
+        await h.conn.consume(batch_of(rng, 50, version="0"))  # pruned: learns again
+        assert h.conn.subjects[SubjectKey("svc", "m", "0")].baseline is not None

@@ -13,7 +13,7 @@ import pytest
 
 from agent.component import Kind, Signal
 from agent.connectors.drift import DriftConfig, factory
-from agent.connectors.drift.compare import Side, compare
+from agent.connectors.drift.compare import Pending, Side, Window, compare
 from agent.connectors.drift.reference import (
     NumericHist,
     Reference,
@@ -168,3 +168,60 @@ async def test_small_window_reports_insufficient_data_and_no_verdict(tmp_path) -
     got = await run_windows(tmp_path, [{"n": 99, "shift": 3.0}, {"n": 100, "shift": 3.0}])
     assert got[0] == {"insufficient": 1.0}  # no detected flag at all, not a 0
     assert got[1]["insufficient"] == 0.0 and got[1]["data"] == 1.0
+
+
+# --------------------------------------------------------------------------- many categories
+
+ZIPF = (lambda q: q / q.sum())(1 / np.arange(1, 301) ** 1.1)
+ZIPF_NAMES = np.array([f"c{i}" for i in range(300)])
+
+
+def categorical_alarm_rate(seed: int, m: int, windows: int) -> tuple[float, Reference]:
+    """Data-drift alarm rate of unchanged Zipf(300) windows against a learned baseline."""
+    cfg = DriftConfig()
+    rng = np.random.default_rng(seed)
+    ref = reference_from_values(
+        SubjectKey("svc", "m", "1"), labels=[], scores=[],
+        features={"c": ZIPF_NAMES[rng.choice(300, 1000, p=ZIPF)].tolist()}, n=1000,
+        bins=cfg.bins, max_categories=cfg.max_categories, low_cut=cfg.low_confidence,
+        source="baseline")
+    base = Side.of_reference(ref)
+    alarms = 0
+    for _ in range(windows):
+        w = Window(ref, 1)
+        p = Pending()
+        p.rows = list(range(m))
+        p.features = {"c": ZIPF_NAMES[rng.choice(300, m, p=ZIPF)].tolist()}
+        w.add(p)
+        alarms += compare(ref, base, w.side(), alpha=cfg.alpha).detected["data"]
+    return alarms / windows, ref
+
+
+@pytest.mark.parametrize(("m", "windows"), [(1000, 200), (10_000, 40)])
+def test_more_categories_than_kept_do_not_alarm_on_unchanged_data(m: int, windows: int) -> None:
+    """300 Zipf categories, max_categories = 50: choosing the kept cells on the sample they
+    are counted on used to alarm in 1-47 % (m = 1,000) and 12-100 % (m = 10,000) of windows."""
+    for seed in range(3):
+        rate, _ = categorical_alarm_rate(seed, m, windows)
+        assert rate <= 0.01, (seed, rate)
+
+
+def test_unseen_share_counts_only_categories_the_reference_never_saw() -> None:
+    """It used to report the whole "other" share (0.252 where 0.088 was never seen)."""
+    rng = np.random.default_rng(2)
+    values = ZIPF_NAMES[rng.choice(300, 1000, p=ZIPF)].tolist()
+    ref = reference_from_values(SubjectKey("svc", "m", "1"), labels=[], scores=[],
+                                features={"c": values}, n=1000, bins=10, max_categories=50,
+                                low_cut=0.5, source="baseline")
+    cur = ZIPF_NAMES[rng.choice(300, 10_000, p=ZIPF)].tolist()
+    w = Window(ref, 1)
+    p = Pending()
+    p.rows, p.features = list(range(len(cur))), {"c": cur}
+    w.add(p)
+    ev = compare(ref, Side.of_reference(ref), w.side(), alpha=0.002)
+    never_seen = np.mean([v not in set(values) for v in cur])
+    assert ev.signals["feature:c"]["unseen_share"] == pytest.approx(never_seen)
+    assert 0.05 < never_seen < 0.15
+    # ... and survives a round trip through the file format.
+    again = Reference.from_json(ref.to_json())
+    assert again.features["c"].known == ref.features["c"].known  # type: ignore[union-attr]

@@ -16,13 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from agent.component import Kind, Signal
-from agent.connectors.drift import DriftConfig, cli, factory
+from agent.connectors.drift import DriftConfig, cli, factory, stats
 from agent.connectors.drift.reference import (
+    CategoricalHist,
     NumericHist,
     Reference,
     ReferenceError,
     SubjectKey,
     build_numeric,
+    categorical_from_values,
     reference_from_values,
 )
 from agent.pdata import attributes_to_dict
@@ -49,6 +51,32 @@ def test_bins_have_underflow_and_overflow_and_keep_the_reference_inside() -> Non
     assert len(constant.edges) == 2 and constant.counts.tolist() == [0, 10, 0]
 
 
+def test_discrete_features_keep_every_value_in_its_own_bin(tmp_path: Path) -> None:
+    """The top value used to share the bin below it: a 0/1 feature going from 30 % to
+    90 % ones gave p = 1 and PSI = 0."""
+    rng = np.random.default_rng(1)
+    ref, cur = (rng.random(1000) < 0.3).astype(float), (rng.random(1000) < 0.9).astype(float)
+    h = build_numeric(ref, 10)
+    assert h.counts[1:-1].tolist() == [np.sum(ref == 0), np.sum(ref == 1)]
+    c = h.bin(cur)
+    _, df, p = stats.chi2_homogeneity(h.counts, c)
+    assert df == 1 and p < 1e-50 and stats.psi(h.counts, c) > 1.0
+    ints = build_numeric(rng.choice(5, 1000).astype(float), 10)  # 5 values: 5 bins
+    assert ints.edges[:-1].tolist() == [0, 1, 2, 3, 4] and ints.counts[0] == ints.counts[-1] == 0
+    # Many distinct values but a heavy tie at the maximum (a cap): the cap keeps its bin.
+    capped = np.minimum(rng.normal(0, 1, 1000), 0.5)
+    hc = build_numeric(capped, 10)
+    assert hc.counts[-2] == np.sum(capped == 0.5) and hc.edges[-2] == 0.5
+    # `reference build` uses the same edges.
+    path = tmp_path / "bin.csv"
+    path.write_text("y\n" + "\n".join(str(int(v)) for v in ref) + "\n")
+    out = tmp_path / "bin.json"
+    assert run_cli("build", "--input", str(path), "--features", "y", "--output", str(out),
+                   "--quiet") == 0
+    built = Reference.load(out).features["y"]
+    assert isinstance(built, NumericHist) and built.counts.tolist() == h.counts.tolist()
+
+
 def test_reference_round_trips_through_json(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     ref = reference_from_values(
@@ -56,8 +84,11 @@ def test_reference_round_trips_through_json(tmp_path: Path) -> None:
         features={"x": rng.normal(size=50).tolist(), "c": ["u", "v", True]}, n=50, bins=5,
         max_categories=1, low_cut=0.3, source="file")
     assert ref.label is not None and ref.label.categories == ["a"]  # max_categories=1
-    assert ref.label.counts.tolist() == [2, 2]  # "b" and "1" are other
-    assert ref.features["c"].counts.sum() == 3  # booleans make the feature categorical
+    # Not every label can be kept: the cell is chosen on the even-numbered values ("a",
+    # "a") and counted on the odd-numbered ones ("b", 1: both "other").
+    assert ref.label.counts.tolist() == [0, 2]
+    assert ref.label.rare == ["1", "b"]  # seen, not kept (not "unseen")
+    assert ref.features["c"].counts.sum() == 1  # booleans make the feature categorical
     ref.save(tmp_path / "r.json")
     back = Reference.load(tmp_path / "r.json")
     assert back.to_json() == ref.to_json()
@@ -138,6 +169,24 @@ def test_build_from_csv_counts_exactly(tmp_path: Path, capsys) -> None:
     assert ref.score.low_fraction == pytest.approx(np.mean(scores < 0.5))
     err = capsys.readouterr().err
     assert "pass 1/2" in err and "pass 2/2" in err and "100.0%" in err
+
+
+def test_build_chooses_categories_on_one_half_and_counts_on_the_other(tmp_path: Path) -> None:
+    """More categories than --max-categories: `reference build` splits like a learned
+    baseline (alternate values, across chunks), so unchanged data does not alarm."""
+    rng = np.random.default_rng(3)
+    zipf = (lambda q: q / q.sum())(1 / np.arange(1, 301) ** 1.1)
+    values = [f"c{i}" for i in rng.choice(300, 2000, p=zipf)]
+    path = tmp_path / "cats.csv"
+    path.write_text("c\n" + "\n".join(values) + "\n")
+    out = tmp_path / "cats.json"
+    assert run_cli("build", "--input", str(path), "--features", "c", "--categorical", "c",
+                   "--output", str(out), "--chunk-rows", "7", "--quiet") == 0
+    built = Reference.load(out).features["c"]
+    want = categorical_from_values(values, 50)
+    assert isinstance(built, CategoricalHist)
+    assert built.categories == want.categories and built.counts.tolist() == want.counts.tolist()
+    assert built.n == 1000 and built.known == set(values)
 
 
 def test_build_with_sampled_edges_still_counts_every_value(tmp_path: Path) -> None:

@@ -13,7 +13,14 @@ from hypothesis.extra.numpy import arrays
 from scipy.spatial.distance import jensenshannon
 
 from agent.connectors.drift import stats
-from agent.connectors.drift.reference import NumericHist, build_numeric
+from agent.connectors.drift.compare import Pending, Side, Window, compare
+from agent.connectors.drift.reference import (
+    NumericHist,
+    Reference,
+    SubjectKey,
+    build_numeric,
+    build_score,
+)
 
 
 def test_chi2_sf_matches_scipy() -> None:
@@ -140,6 +147,29 @@ def test_binned_wasserstein(shift: float) -> None:
     assert abs(w - raw) <= max(0.05, 0.06 * raw)
 
 
+@pytest.mark.parametrize("shift", [-20.0, -5.0, 0.5, 2.0, 5.0, 20.0])
+def test_wasserstein_follows_a_window_beyond_the_reference_range(shift: float) -> None:
+    """Through the connector's own path (Window, compare): the distance beyond the edges
+    is added, so shifts of 5 and 20 std no longer read 3.20 and 3.22 (scipy 5.21, 20.56)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, 1000)
+    ref = Reference(SubjectKey("s", "m", "1"), "baseline", 1000)
+    ref.features["x"] = build_numeric(a, 10)
+    b = rng.normal(shift, 1, 1000)
+    w = Window(ref, 1)
+    p = Pending()
+    p.rows, p.features = list(range(1000)), {"x": b.tolist()}
+    w.add(p)
+    ev = compare(ref, Side.of_reference(ref), w.side(), alpha=0.002)
+    want = st.wasserstein_distance(a, b) / a.std()
+    half_bin = 0.5 * float(np.diff(ref.features["x"].edges).max()) / a.std()
+    assert ev.signals["feature:x"]["wasserstein"] == pytest.approx(want, abs=half_bin)
+    # Both sides windows (a canary comparison): the tails are compared with each other.
+    assert stats.wasserstein_binned(np.array([0, 0, 10]), np.array([0, 0, 10]), np.array([0.0, 1.0]),
+                                    excess_ref=np.array([0.0, 2.0]),
+                                    excess_cur=np.array([0.0, 5.0])) == pytest.approx(3.0)
+
+
 def test_entropy_helpers() -> None:
     assert float(stats.entropy_bits(np.array([1, 1, 1, 1]))) == pytest.approx(2.0)
     assert float(stats.entropy_bits(np.array([5, 0]))) == 0.0
@@ -147,7 +177,7 @@ def test_entropy_helpers() -> None:
     np.testing.assert_allclose(h, [0.0, 1.0, 0.0, st.entropy([0.9, 0.1], base=2)])
 
 
-def test_mean_drop_and_proportion_rise_are_one_sided_z_tests() -> None:
+def test_mean_drop_and_proportion_rise_are_one_sided_tests() -> None:
     p = stats.mean_drop_p(0.8, 0.01, 1000, 0.79, 0.01, 1000)
     z = 0.01 / math.sqrt(0.01 / 1000 * 2)
     assert p == pytest.approx(st.norm.sf(z))
@@ -156,6 +186,49 @@ def test_mean_drop_and_proportion_rise_are_one_sided_z_tests() -> None:
     assert stats.proportion_rise_p(50, 1000, 40, 1000) > 0.5
     # No low scores in the reference: one in the window is not overwhelming evidence.
     assert stats.proportion_rise_p(0, 1000, 1, 1000) > 0.05
+
+
+@pytest.mark.parametrize("value", [0.1, 0.3, 0.7, 0.9, 0.95, 1.0])
+def test_a_constant_score_is_not_a_confidence_collapse(value: float) -> None:
+    """A model that always answers ``value``: the reference mean differs from the
+    window's by an ulp and its std is ~1e-17, which used to give p = 0 (an alarm every
+    window, e.g. for 0.1, 0.9 and 0.95)."""
+    ref = Reference(SubjectKey("s", "m", "1"), "baseline", 1000)
+    ref.score = build_score(np.full(1000, value), 10, 0.5)
+    w = Window(ref, 1)
+    p = Pending()
+    p.rows, p.scores = list(range(1000)), [value] * 1000
+    w.add(p)
+    ev = compare(ref, Side.of_reference(ref), w.side(), alpha=0.002)
+    assert ev.detected["confidence"] is False and ev.kind_p["confidence"] == 1.0
+    # A real fall of a constant score is still certain.
+    assert stats.mean_drop_p(value, 0.0, 1000, value - 0.01, 0.0, 1000) == 0.0
+
+
+def test_low_share_rise_is_fishers_exact_test() -> None:
+    for a, n, b, m in [(0, 1000, 1, 1000), (6, 1000, 3, 100), (50, 1000, 150, 1000),
+                       (40, 1000, 4, 100), (300, 1000, 3000, 10_000), (0, 1000, 100, 100)]:
+        want = st.hypergeom.sf(b - 1, n + m, a + b, m)
+        assert stats.proportion_rise_p(a, n, b, m) == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
+def _low_share_false_alarm_rate(share: float, n: int, m: int, alpha: float) -> float:
+    """Exactly: P(the low-share test alarms) when reference and window share ``share``."""
+    ks_ref = np.arange(int(st.binom.ppf(1 - 1e-12, n, share)) + 1)
+    ks_cur = np.arange(m + 1)
+    p_ref, p_cur = st.binom.pmf(ks_ref, n, share), st.binom.pmf(ks_cur, m, share)
+    return sum(pa * pb for a, pa in zip(ks_ref, p_ref, strict=True)
+               for b, pb in zip(ks_cur, p_cur, strict=True)
+               if pb > 1e-15 and stats.proportion_rise_p(a, n, b, m) <= alpha)
+
+
+@pytest.mark.parametrize("share", [0.002, 0.006, 0.02, 0.05])
+@pytest.mark.parametrize("m", [100, 300])
+def test_low_share_test_keeps_its_false_alarm_rate_in_small_windows(share: float, m: int) -> None:
+    """The level the default uses (alpha / 2 = 0.001 per confidence test): the normal
+    approximation alarmed in 0.76 % (share 0.2 %) and 0.71 % (0.6 %) of 100-prediction
+    windows; the exact test stays below 0.1 %."""
+    assert _low_share_false_alarm_rate(share, 1000, m, 0.001) <= 0.001
 
 
 def test_adjusted_min_p_bonferroni_and_bh() -> None:

@@ -44,6 +44,7 @@ from agent.connectors.drift.reference import (
     ScoreHist,
     SubjectKey,
     build_categorical,
+    needs_split,
     numeric_edges,
 )
 from agent.service import resolve_state_dir
@@ -329,21 +330,29 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     rng = np.random.default_rng(0)  # a fixed seed: the same file gives the same edges
     num_state = {c: _NumericPass(args.sample_size, rng, args.low_confidence) for c in numeric}
-    cat_counts: dict[str, Counter[str]] = {c: Counter() for c in cats}
-    cat_unseen = dict.fromkeys(cats, 0)
+    # Per categorical column, values at even and at odd positions counted apart: when not
+    # every category can be kept, the cells are chosen on one half and counted on the
+    # other (reference.needs_split), so unchanged data does not alarm.
+    cat_counts: dict[str, tuple[Counter[str], Counter[str]]] = {
+        c: (Counter(), Counter()) for c in cats}
+    cat_unseen = {c: [0, 0] for c in cats}
+    cat_seen = dict.fromkeys(cats, 0)
     rows = 0
     for first, chunk in chunks("pass 1/2"):
         for c in numeric:
             num_state[c].add(_as_floats(chunk[c], c, first, path))
         for c in cats:
-            counter = cat_counts[c]
             values = _as_strings(chunk[c])
-            if len(counter) < MAX_DISTINCT:
-                counter.update(values)
-            else:  # bounded: categories first seen beyond the cap only add to "other"
-                known = [v for v in values if v in counter]
-                counter.update(known)
-                cat_unseen[c] += len(values) - len(known)
+            first_half = cat_seen[c] % 2  # which half this chunk's first value belongs to
+            cat_seen[c] += len(values)
+            for half, part in ((first_half, values[0::2]), (1 - first_half, values[1::2])):
+                counter = cat_counts[c][half]
+                if len(counter) < MAX_DISTINCT:
+                    counter.update(part)
+                else:  # bounded: categories first seen beyond the cap only add to "other"
+                    known = [v for v in part if v in counter]
+                    counter.update(known)
+                    cat_unseen[c][half] += len(part) - len(known)
         rows += len(next(iter(chunk.values())))
     if rows == 0:
         raise BuildError(f"{path}: no data rows")
@@ -355,18 +364,31 @@ def cmd_build(args: argparse.Namespace) -> int:
         edges = numeric_edges(st.sample, args.bins)
         hists[c] = NumericHist(edges=edges, counts=np.zeros(len(edges) + 1, np.int64),
                                mean=st.mean, std=math.sqrt(st.m2 / st.n), n=st.n)
+    excess = {c: [0.0, 0.0] for c in numeric}  # values beyond the (sampled) edges
     if numeric:
         for first, chunk in chunks("pass 2/2"):
             for c in numeric:
                 x = _as_floats(chunk[c], c, first, path)
-                hists[c].counts += hists[c].bin(x[np.isfinite(x)])
+                x = x[np.isfinite(x)]
+                hists[c].counts += hists[c].bin(x)
+                below, above = hists[c].excess(x)
+                excess[c][0] += below
+                excess[c][1] += above
+    for c, (below, above) in excess.items():
+        hists[c].tails = (below / hists[c].n, above / hists[c].n)
 
     subject = SubjectKey(args.service, args.model, args.model_version)
     ref = Reference(subject=subject, source="file", n=rows)
-    for c, counter in cat_counts.items():
-        cat = build_categorical(counter, args.max_categories)
-        cat.counts[-1] += cat_unseen[c]
-        cat.n += cat_unseen[c]
+    for c, (even, odd) in cat_counts.items():
+        full = even + odd
+        if needs_split(full, args.max_categories):
+            cat = build_categorical(even, args.max_categories, count_on=odd, seen=full)
+            extra = cat_unseen[c][1]
+        else:
+            cat = build_categorical(full, args.max_categories)
+            extra = sum(cat_unseen[c])
+        cat.counts[-1] += extra
+        cat.n += extra
         if c == args.label:
             ref.label = cat
         else:
@@ -374,7 +396,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     for c, num in hists.items():
         if c == args.score:
             st = num_state[c]
-            ref.score = ScoreHist(num.edges, num.counts, num.mean, num.std, num.n,
+            ref.score = ScoreHist(num.edges, num.counts, num.mean, num.std, num.n, num.tails,
                                   low_cut=args.low_confidence, low_fraction=st.low / st.n)
         else:
             ref.features[c] = num

@@ -14,7 +14,7 @@ family of p-values is corrected (Bonferroni or BH) and compared with ``alpha``.
 - data drift: chi-squared homogeneity of each feature's histogram, corrected across
   the subject's features;
 - confidence collapse: a one-sided z-test of the mean score falling, and a one-sided
-  two-proportion test of the low-confidence share rising (Bonferroni over the two).
+  exact (Fisher) test of the low-confidence share rising (corrected over the two).
 """
 
 from __future__ import annotations
@@ -106,6 +106,11 @@ class Side:
     score_entropy: float = math.nan  # mean binary entropy of the scores, bits
     features: dict[str, np.ndarray] = field(default_factory=dict)
     moments: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    # Per categorical signal (``label``, ``feature:<name>``): values the reference never saw.
+    unseen: dict[str, int] = field(default_factory=dict)
+    # Per numeric signal (``score``, ``feature:<name>``): mean distance beyond the
+    # reference's edges, (below, above) (``NumericHist.excess``, for Wasserstein).
+    tails: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def of_reference(cls, ref: Reference) -> Side:
@@ -117,10 +122,12 @@ class Side:
             s.score = sc.counts
             s.score_moments = (sc.mean, sc.std**2, float(sc.n))
             s.low = (sc.low_fraction * sc.n, float(sc.n))
+            s.tails["score"] = sc.tails
         for name, h in ref.features.items():
             s.features[name] = h.counts
             if isinstance(h, NumericHist):
                 s.moments[name] = (h.mean, h.std**2, float(h.n))
+                s.tails[f"feature:{name}"] = h.tails
         return s
 
 
@@ -143,6 +150,8 @@ class Window:
         self.features = {name: np.zeros(h.nbins, np.int64) for name, h in ref.features.items()}
         self._sums = {name: np.zeros(3) for name, h in ref.features.items()
                       if isinstance(h, NumericHist)}
+        self.unseen: dict[str, int] = {}
+        self._excess: dict[str, np.ndarray] = {}  # per numeric signal: sums beyond the edges
         self.examples: deque[tuple[bytes, bytes]] = deque(maxlen=max_examples)
         # The counts scaled up by 1/rate, per signal; None while every add had weight 1
         # (then the counts themselves are the volume, and nothing is duplicated).
@@ -160,11 +169,12 @@ class Window:
         if weight != 1.0 and self._scaled is None:
             self._scaled = {s: c.astype(np.float64) for s, c in self.counts().items()}
         if self.label is not None and p.labels:
-            self._count("label", self.label, ref.label.bin(p.strings(None)), weight)  # type: ignore[union-attr]
+            self._categorical("label", ref.label, self.label, p.strings(None), weight)  # type: ignore[arg-type]
         if self.score is not None and p.scores:
             sc = ref.score
             x = p.numeric(None)
             self._count("score", self.score, sc.bin(x), weight)  # type: ignore[union-attr]
+            self._beyond("score", sc, x)  # type: ignore[arg-type]
             _accumulate(self._score_sums, x, sc.mean)  # type: ignore[union-attr]
             self._low += int(np.count_nonzero(x < sc.low_cut))  # type: ignore[union-attr]
             self._entropy += float(stats.binary_entropy_bits(x).sum())
@@ -174,12 +184,27 @@ class Window:
             if h is None:
                 unknown += len(vals)
             elif isinstance(h, CategoricalHist):
-                self._count(f"feature:{name}", self.features[name], h.bin(p.strings(name)), weight)
+                self._categorical(f"feature:{name}", h, self.features[name], p.strings(name), weight)
             else:
                 x = p.numeric(name)
                 self._count(f"feature:{name}", self.features[name], h.bin(x), weight)
+                self._beyond(f"feature:{name}", h, x)
                 _accumulate(self._sums[name], x, h.mean)
         return unknown
+
+    def _beyond(self, signal: str, h: NumericHist, x: np.ndarray) -> None:
+        # Only the values outside the edges add anything; most windows have none.
+        if x.size and (x.min() < h.edges[0] or x.max() >= h.edges[-1]):
+            sums = self._excess.setdefault(signal, np.zeros(2))
+            sums += h.excess(x)
+
+    def _categorical(self, signal: str, h: CategoricalHist, counts: np.ndarray, values: list[str],
+                     weight: float) -> None:
+        add = h.bin(values)
+        self._count(signal, counts, add, weight)
+        unseen = h.unseen(values, int(add[-1]))
+        if unseen:
+            self.unseen[signal] = self.unseen.get(signal, 0) + unseen
 
     def _count(self, signal: str, counts: np.ndarray, add: np.ndarray, weight: float) -> None:
         counts += add
@@ -200,16 +225,23 @@ class Window:
         """The counts scaled up to the volume they stand for (float when sampled)."""
         return self.counts() if self._scaled is None else self._scaled
 
+    def _tails(self, signal: str, n: float) -> tuple[float, float]:
+        sums = self._excess.get(signal)
+        return (0.0, 0.0) if sums is None else (float(sums[0] / n), float(sums[1] / n))
+
     def side(self) -> Side:
-        s = Side(n=self.n, label=self.label, score=self.score, features=self.features)
+        s = Side(n=self.n, label=self.label, score=self.score, features=self.features,
+                 unseen=self.unseen)
         sc = self.ref.score
         if sc is not None and self._score_sums[0] > 0:
             s.score_moments = _moments(self._score_sums, sc.mean)
             s.low = (float(self._low), self._score_sums[0])
             s.score_entropy = self._entropy / self._score_sums[0]
+            s.tails["score"] = self._tails("score", self._score_sums[0])
         for name, sums in self._sums.items():
             if sums[0] > 0:
                 s.moments[name] = _moments(sums, self.ref.features[name].mean)  # type: ignore[union-attr]
+                s.tails[f"feature:{name}"] = self._tails(f"feature:{name}", sums[0])
         return s
 
 
@@ -243,18 +275,29 @@ class Evaluation:
     triggers: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _numeric_stats(r: np.ndarray, c: np.ndarray, h: NumericHist) -> dict[str, float]:
+def _numeric_stats(r: np.ndarray, c: np.ndarray, h: NumericHist,
+                   tails: tuple[tuple[float, float] | None, tuple[float, float] | None]
+                   ) -> dict[str, float]:
     _, _, p = stats.chi2_homogeneity(r, c)
     std = h.std if h.std > 0 else math.nan
+    w = stats.wasserstein_binned(r, c, h.edges, excess_ref=_arr(tails[0]), excess_cur=_arr(tails[1]))
     return {"psi": float(stats.psi(r, c)), "js": float(stats.js_distance(r, c)),
             "p_value": float(p), "ks": float(stats.ks_binned(r, c)),
-            "wasserstein": float(stats.wasserstein_binned(r, c, h.edges)) / std}
+            "wasserstein": float(w) / std}
 
 
-def _categorical_stats(r: np.ndarray, c: np.ndarray) -> dict[str, float]:
+def _arr(t: tuple[float, float] | None) -> np.ndarray | None:
+    return None if t is None else np.asarray(t, dtype=np.float64)
+
+
+def _categorical_stats(r: np.ndarray, c: np.ndarray, h: CategoricalHist,
+                       unseen: int) -> dict[str, float]:
     _, _, p = stats.chi2_homogeneity(r, c)
-    return {"psi": float(stats.psi(r, c)), "js": float(stats.js_distance(r, c)),
-            "p_value": float(p), "unseen_share": float(c[-1] / c.sum())}
+    out = {"psi": float(stats.psi(r, c)), "js": float(stats.js_distance(r, c)),
+           "p_value": float(p)}
+    if h.known is not None:  # else the reference does not say which categories it saw
+        out["unseen_share"] = unseen / float(c.sum())
+    return out
 
 
 def compare(ref: Reference, base: Side, cur: Side, *, alpha: float,
@@ -263,17 +306,22 @@ def compare(ref: Reference, base: Side, cur: Side, *, alpha: float,
     ev = Evaluation()
     families: dict[str, dict[str, float]] = {k: {} for k in KINDS}
     if base.label is not None and cur.label is not None and cur.label.sum() and base.label.sum():
-        ev.signals["label"] = _categorical_stats(base.label, cur.label)
+        ev.signals["label"] = _categorical_stats(base.label, cur.label, ref.label,  # type: ignore[arg-type]
+                                                 cur.unseen.get("label", 0))
         families["prediction"]["label"] = ev.signals["label"]["p_value"]
     if base.score is not None and cur.score is not None and cur.score.sum() and base.score.sum():
-        ev.signals["score"] = _numeric_stats(base.score, cur.score, ref.score)  # type: ignore[arg-type]
+        ev.signals["score"] = _numeric_stats(base.score, cur.score, ref.score,  # type: ignore[arg-type]
+                                             (base.tails.get("score"), cur.tails.get("score")))
         families["prediction"]["score"] = ev.signals["score"]["p_value"]
     for name, c in cur.features.items():
         b = base.features.get(name)
         if b is None or not c.sum() or not b.sum():
             continue
         h = ref.features[name]
-        st = _categorical_stats(b, c) if isinstance(h, CategoricalHist) else _numeric_stats(b, c, h)
+        st = (_categorical_stats(b, c, h, cur.unseen.get(f"feature:{name}", 0))
+              if isinstance(h, CategoricalHist) else
+              _numeric_stats(b, c, h, (base.tails.get(f"feature:{name}"),
+                                       cur.tails.get(f"feature:{name}"))))
         ev.signals[f"feature:{name}"] = st
         families["data"][f"feature:{name}"] = st["p_value"]
     if base.score_moments and cur.score_moments and base.low and cur.low:

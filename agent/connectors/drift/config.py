@@ -54,6 +54,10 @@ class DriftConfig:
     max_features: int = 50
     max_categories: int = 50
     max_examples: int = 5
+    # Learned references kept on disk (<state_dir>/references); beyond this many the least
+    # recently used are deleted (a version seen again then learns a new baseline).
+    # Learned references held in memory are bounded by max_subjects.
+    max_learned_references: int = 1000
     # Emit the window's counts as cumulative histograms on the reference's frozen edges.
     histograms: bool = True
 
@@ -79,7 +83,8 @@ class DriftConfig:
             errors.append("low_confidence: must be between 0 and 1")
         if self.baseline_size < max(self.min_window_count, 5 * self.bins):
             errors.append("baseline_size: must be at least min_window_count and 5 x bins")
-        for key in ("max_subjects", "max_features", "max_categories", "max_examples"):
+        for key in ("max_subjects", "max_features", "max_categories", "max_examples",
+                    "max_learned_references"):
             if getattr(self, key) < 1:
                 errors.append(f"{key}: must be at least 1")
         return errors

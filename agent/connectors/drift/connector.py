@@ -20,9 +20,13 @@ as dropped with a reason. The connector never keeps batches, only arrays and sum
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import os
 import random
+import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +68,9 @@ VERSION = "ml.model.version"
 BASELINE_VERSION = "baseline.version"
 EVENT_NAME = "mlagent.drift"
 REFERENCES_SUBDIR = "references"
+# When each subject was first (and last) seen live, in the state directory (beside, not
+# in, the references directory, so it is never taken for a reference).
+FIRST_SEEN_FILE = "drift-first-seen.json"
 # A subject with no prediction for this many windows is forgotten (its learned
 # reference stays on disk), so rotating model versions do not fill max_subjects.
 IDLE_WINDOWS = 12
@@ -112,6 +119,7 @@ class _Subject:
     count: float = 0.0  # predictions in the current window (estimated when sampling)
     examined: int = 0  # of which were read (the rest were not sampled)
     idle: int = 0
+    first_seen: float = 0.0  # when the version was first seen live (persisted): the anchor's rule
     # Cumulative counts per signal since the reference was frozen, for histograms
     # (scaled up by 1/rate when sampled, so float).
     totals: dict[str, np.ndarray] = field(default_factory=dict)
@@ -144,8 +152,13 @@ class DriftConnector:
         self.subjects: dict[SubjectKey, _Subject] = {}
         self._models: dict[tuple[str | None, str | None], set[SubjectKey]] = {}
         self._file_refs: list[Reference] = []
-        self._saved: dict[SubjectKey, Reference] = {}
+        # Learned references recently used, least recent first; at most max_subjects.
+        # Read from disk by slug when a subject appears, not all at start.
+        self._saved: OrderedDict[SubjectKey, Reference] = OrderedDict()
         self._ref_dir: Path | None = None
+        # Subject -> (first seen, last seen), seconds since the epoch.
+        self._seen: dict[SubjectKey, tuple[float, float]] = {}
+        self._seen_path: Path | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         # Which items are examined (sampling.py); seeded, so runs are reproducible.
@@ -158,16 +171,19 @@ class DriftConnector:
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self, host: Host) -> None:
-        """Read reference files and learned baselines, then start the window timer."""
+        """Read reference files, then start the window timer (learned baselines are read
+        when their subject appears)."""
         self._ref_dir = Path(host.state_dir) / REFERENCES_SUBDIR
+        self._seen_path = Path(host.state_dir) / FIRST_SEEN_FILE
         problems = self._load_references()
+        self._seen = self._load_seen()
         if problems:
             host.report_status(self.settings.id, Status.DEGRADED, "; ".join(problems)[:500])
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"{self.settings.id}:windows")
 
     def _load_references(self) -> list[str]:
-        """Reference files (explicit, then ``reference_dir``) and persisted baselines.
+        """Reference files (explicit, then ``reference_dir``).
 
         An unreadable file is reported and skipped: the subjects it would have covered
         learn a baseline instead, and the agent keeps running.
@@ -189,15 +205,97 @@ class DriftConnector:
                 self.telemetry.error("reference file skipped", error=str(e))
         # Most specific first, so a per-version file beats a per-model one.
         self._file_refs.sort(key=lambda r: -r.subject.specificity)
-        if self._ref_dir is not None and self._ref_dir.is_dir():
-            for path in sorted(self._ref_dir.glob("*.json")):
-                try:
-                    ref = Reference.load(path)
-                except ReferenceError as e:
-                    self.telemetry.error("learned baseline skipped", error=str(e))
-                    continue
-                self._saved[ref.subject] = ref
         return problems
+
+    def _learned(self, key: SubjectKey) -> Reference | None:
+        """The subject's learned reference: from memory, else its file (by slug)."""
+        ref = self._saved.get(key)
+        if ref is not None:
+            self._saved.move_to_end(key)
+            return ref
+        if self._ref_dir is None:
+            return None
+        path = self._ref_dir / f"{key.slug()}.json"
+        if not path.is_file():
+            return None
+        try:
+            ref = Reference.load(path)
+            os.utime(path)  # recently used: the disk retention keeps it longest
+        except (ReferenceError, OSError) as e:
+            self.telemetry.error("learned baseline skipped", error=str(e))
+            return None
+        if ref.subject != key:
+            self.telemetry.error("learned baseline skipped", path=str(path),
+                                 error=f"holds {ref.subject}, not {key}")
+            return None
+        self._remember(key, ref)
+        return ref
+
+    def _remember(self, key: SubjectKey, ref: Reference) -> None:
+        self._saved[key] = ref
+        self._saved.move_to_end(key)
+        while len(self._saved) > self.cfg.max_subjects:
+            self._saved.popitem(last=False)
+
+    def _retain_on_disk(self) -> None:
+        """Delete the least recently used learned references beyond
+        ``max_learned_references`` (never a live subject's)."""
+        if self._ref_dir is None:
+            return
+        try:
+            files = [(p.stat().st_mtime, p) for p in self._ref_dir.glob("*.json")]
+            excess = len(files) - self.cfg.max_learned_references
+            if excess <= 0:
+                return
+            live = {f"{k.slug()}.json" for k in self.subjects}
+            for _, path in sorted(files):
+                if excess <= 0:
+                    break
+                if path.name not in live:
+                    path.unlink(missing_ok=True)
+                    excess -= 1
+        except OSError as e:
+            self.telemetry.error("cannot prune learned baselines", error=str(e))
+
+    def _load_seen(self) -> dict[SubjectKey, tuple[float, float]]:
+        """The persisted first/last-seen times; an unreadable file is logged and ignored
+        (the anchors are then chosen by what is seen from now on)."""
+        path = self._seen_path
+        if path is None or not path.is_file():
+            return {}
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            return {SubjectKey(*e["subject"]): (float(e["first"]), float(e["last"]))
+                    for e in doc["subjects"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.telemetry.error("first-seen times unreadable, ignored", error=repr(e))
+            return {}
+
+    def _save_seen(self) -> None:
+        """Persist first/last-seen times of at most ``max_learned_references`` subjects,
+        live ones first (written when a subject appears, not per batch)."""
+        path = self._seen_path
+        if path is None:
+            return
+        # Live subjects first (a stable version seen long ago must keep its time), then
+        # the most recently seen.
+        keep = sorted(self._seen.items(), key=lambda kv: (kv[0] not in self.subjects, -kv[1][1])
+                      )[:self.cfg.max_learned_references]
+        self._seen = dict(keep)
+        doc = {"subjects": [{"subject": [k.service, k.model, k.version], "first": f, "last": t}
+                            for k, (f, t) in keep]}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(doc, f)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as e:
+            self.telemetry.error("cannot persist first-seen times", error=str(e))
 
     async def shutdown(self) -> None:
         """Stop the timer and flush the current window (idempotent, safe without start)."""
@@ -222,8 +320,9 @@ class DriftConnector:
     # ----------------------------------------------------------------- intake
 
     async def consume(self, batch: Batch) -> None:
-        """Count the batch's predictions into their subjects' windows (no I/O but a
-        baseline's one-time save); items without prediction attributes are ignored.
+        """Count the batch's predictions into their subjects' windows (no I/O but, once
+        per subject, reading its learned reference, persisting when it was first seen,
+        and a baseline's save); items without prediction attributes are ignored.
 
         Only the items each service's sampling rate picks are read (``sampling.py``);
         at low volume that is every item."""
@@ -255,7 +354,7 @@ class DriftConnector:
                 if excluded:
                     tele.dropped(signal, excluded, "max_features")
                 if subj.baseline.n >= self.cfg.baseline_size:
-                    self._freeze_baseline(subj)
+                    self._freeze_baseline(subj, signal)
             if subj.canary is not None:
                 subj.canary.add(p, weight)
                 _examples(subj.canary, p, sample.items)
@@ -267,11 +366,15 @@ class DriftConnector:
     def _new_subject(self, key: SubjectKey) -> _Subject | None:
         if len(self.subjects) >= self.cfg.max_subjects:
             return None
-        subj = self.subjects[key] = _Subject(key)
+        now = self.clock()
+        first = self._seen.get(key, (now, now))[0]
+        self._seen[key] = (first, now)
+        self._save_seen()
+        subj = self.subjects[key] = _Subject(key, first_seen=first)
         self._models.setdefault(subj.model_key, set()).add(key)
         ref = next((r for r in self._file_refs if r.subject.matches(key)), None)
         if ref is None:
-            ref = self._saved.get(key)
+            ref = self._learned(key)
         if ref is not None:
             self._set_reference(subj, ref)
             return subj
@@ -280,19 +383,25 @@ class DriftConnector:
         self._reanchor(subj.model_key)  # a new version is a canary from its first prediction
         return subj
 
-    def _freeze_baseline(self, subj: _Subject) -> None:
+    def _freeze_baseline(self, subj: _Subject, signal: Signal) -> None:
         """Turn the first predictions into the subject's reference and persist it."""
         b, cfg = subj.baseline, self.cfg
         assert b is not None
+
+        def dropped(reason: str, n: int) -> None:
+            self.telemetry.dropped(signal, n, reason)
+
         ref = reference_from_values(subj.key, labels=b.labels, scores=b.scores,
                                     features=b.features, n=b.n, bins=cfg.bins,
                                     max_categories=cfg.max_categories,
-                                    low_cut=cfg.low_confidence, source="baseline")
+                                    low_cut=cfg.low_confidence, source="baseline",
+                                    on_drop=dropped)
         subj.baseline = None
-        self._saved[subj.key] = ref
+        self._remember(subj.key, ref)
         if self._ref_dir is not None:
             try:
                 ref.save(self._ref_dir / f"{subj.key.slug()}.json")
+                self._retain_on_disk()
             except OSError as e:
                 self.telemetry.error("cannot persist learned baseline", error=str(e),
                                      subject=str(subj.key))
@@ -307,13 +416,18 @@ class DriftConnector:
         self._reanchor(subj.model_key)
 
     def _reanchor(self, model_key: tuple[str | None, str | None]) -> None:
-        """Pick the model's anchor (first-referenced version) and give the others canary
-        windows counted on the anchor's bins."""
+        """Pick the model's anchor and give the others canary windows counted on the
+        anchor's bins.
+
+        The anchor is the referenced version first seen live (persisted, so a restart
+        keeps it): the stable version a canary is rolled out next to. Not the order of
+        version strings ("10" < "9"), nor reference creation times (one per-model file
+        serves every version with the same time)."""
         keys = self._models.get(model_key, set())
         with_ref = [self.subjects[k] for k in keys if self.subjects[k].ref is not None]
         if not with_ref:
             return
-        anchor = min(with_ref, key=lambda s: (s.ref.created, s.key.version or ""))  # type: ignore[union-attr]
+        anchor = min(with_ref, key=lambda s: (s.first_seen, str(s.key)))
         for k in keys:
             s = self.subjects[k]
             if s is anchor or not self.cfg.canary:
@@ -631,13 +745,19 @@ class _MetricsOut:
                     _fill(dp.attributes, attrs)
             if self._hists.get(service):
                 m = sm.metrics.add(name="mlagent.drift.histogram", unit="1", description=(
-                    "Cumulative counts on the reference's frozen edges; bucket i counts "
-                    "[edges[i-1], edges[i]) (underflow first, overflow last)."))
+                    "Cumulative counts on the reference's frozen edges, each bound one ulp "
+                    "below its edge: bucket i counts [edges[i-1], edges[i]) (underflow "
+                    "first, overflow last)."))
                 m.histogram.aggregation_temporality = cumulative
                 for attrs, edges, counts, start in self._hists[service]:
+                    # OTLP buckets are upper-inclusive, (bounds[i-1], bounds[i]], and the
+                    # counts are lower-inclusive, [edges[i-1], edges[i]): for floats the two
+                    # agree exactly when each bound is the float just below its edge, so a
+                    # Prometheus `le` bucket holds exactly the values <= le.
                     dp = m.histogram.data_points.add(
                         start_time_unix_nano=start, time_unix_nano=self.now_ns,
-                        count=int(counts.sum()), explicit_bounds=edges.tolist(),
+                        count=int(counts.sum()),
+                        explicit_bounds=np.nextafter(edges, -np.inf).tolist(),
                         bucket_counts=counts.tolist())
                     _fill(dp.attributes, attrs)
             if self._sums.get(service):

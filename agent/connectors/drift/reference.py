@@ -18,14 +18,17 @@ File format (JSON, ``"format": "mlagent.drift.reference"``, ``"version": 1``)::
                 "std": 0.1, "n": 1000, "low_cut": 0.5, "low_fraction": 0.04},
       "features": {
         "age":     {"type": "numeric", "edges": [...], "counts": [...],
-                    "mean": 41.2, "std": 12.5, "n": 1000},
+                    "mean": 41.2, "std": 12.5, "n": 1000,
+                    "tails": [0.0, 0.0]},                # optional, see NumericHist
         "country": {"type": "categorical", "categories": [...], "counts": [...], "n": 1000}
       }
     }
 
 Numeric histograms: ``edges`` are the reference's quantiles at 0, 1/B, ..., 1
 (duplicates removed; the last nudged up by one ulp so the reference maximum falls
-inside; a constant gets the single bin ``[v, v + ulp)``). ``counts`` has ``len(edges) + 1`` entries: ``counts[0]`` is the underflow
+inside, or kept with ``max + ulp`` appended when the maximum is a heavy tie), or, for
+at most B + 1 distinct values, those values plus ``max + ulp`` (one bin per value; a
+constant gets the single bin ``[v, v + ulp)``); see ``numeric_edges``. ``counts`` has ``len(edges) + 1`` entries: ``counts[0]`` is the underflow
 (values below ``edges[0]``), ``counts[i]`` counts ``[edges[i-1], edges[i])`` and
 ``counts[-1]`` is the overflow (values at or above ``edges[-1]``), so no value ever
 falls outside. Categorical histograms keep the ``max_categories`` most frequent
@@ -42,7 +45,7 @@ import math
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +111,9 @@ class NumericHist:
     mean: float
     std: float
     n: int
+    # Mean distance beyond the edges, (below e_0, above e_B) per value (``excess``);
+    # zero when the edges span every reference value (learned baselines).
+    tails: tuple[float, float] = (0.0, 0.0)
 
     @property
     def nbins(self) -> int:
@@ -118,22 +124,48 @@ class NumericHist:
         idx = np.searchsorted(self.edges, values, side="right")
         return np.bincount(idx, minlength=self.nbins)
 
+    def excess(self, values: np.ndarray) -> tuple[float, float]:
+        """Sums of ``e_0 - x`` over values below the edges and of ``x - e_B`` over values
+        at or above them (Wasserstein beyond the edges)."""
+        lo, hi = float(self.edges[0]), float(self.edges[-1])
+        return (float(np.sum(np.maximum(lo - values, 0.0))),
+                float(np.sum(np.maximum(values - hi, 0.0))))
+
     def to_json(self) -> dict[str, Any]:
-        return {"type": "numeric", "edges": self.edges.tolist(), "counts": self.counts.tolist(),
-                "mean": self.mean, "std": self.std, "n": self.n}
+        out = {"type": "numeric", "edges": self.edges.tolist(), "counts": self.counts.tolist(),
+               "mean": self.mean, "std": self.std, "n": self.n}
+        if any(self.tails):
+            out["tails"] = list(self.tails)
+        return out
 
 
 @dataclass
 class CategoricalHist:
-    """Counts of the reference's top categories plus an "other" bucket (the last count)."""
+    """Counts of the reference's top categories plus an "other" bucket (the last count).
+
+    ``rare`` lists the categories the reference saw but did not keep (they land in
+    "other" like never-seen ones); it only serves ``unseen_share``. ``None`` means not
+    known (a file written before it was recorded).
+    """
 
     categories: list[str]
     counts: np.ndarray
     n: int
+    rare: list[str] | None = None
     index: dict[str, int] = field(init=False, repr=False)
+    known: frozenset[str] | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.index = {c: i for i, c in enumerate(self.categories)}
+        self.known = None if self.rare is None else frozenset([*self.categories, *self.rare])
+
+    def unseen(self, values: list[str], other: int) -> int:
+        """How many of ``values`` the reference never saw (``other``: how many fell in
+        "other", so the usual case costs nothing); 0 when ``rare`` is not known."""
+        known = self.known
+        if not other or known is None:
+            return 0
+        return sum(1 for v in values if v not in known)
 
     @property
     def nbins(self) -> int:
@@ -146,8 +178,11 @@ class CategoricalHist:
         return np.bincount(idx, minlength=self.nbins)
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": "categorical", "categories": self.categories,
-                "counts": self.counts.tolist(), "n": self.n}
+        out = {"type": "categorical", "categories": self.categories,
+               "counts": self.counts.tolist(), "n": self.n}
+        if self.rare is not None:
+            out["rare"] = self.rare
+        return out
 
 
 Hist = NumericHist | CategoricalHist
@@ -165,11 +200,24 @@ class ScoreHist(NumericHist):
 
 
 def numeric_edges(values: np.ndarray, bins: int) -> np.ndarray:
-    """Frozen edges: the quantiles at 0, 1/bins, ..., 1, deduplicated, last nudged up."""
-    edges = np.unique(np.quantile(values, np.linspace(0.0, 1.0, bins + 1)))
-    top = np.nextafter(edges[-1], np.inf)
-    if edges.size == 1:  # a constant: one regular bin [v, v + ulp) between under- and overflow
-        return np.array([edges[0], top])
+    """Frozen edges for finite ``values``; each bin counts ``[edges[i-1], edges[i])``.
+
+    - At most ``bins + 1`` distinct values (binary, small counts, a constant): the
+      distinct values themselves plus ``nextafter(max)``, one bin per value, so a shift
+      between any two of them shows.
+    - Otherwise the quantiles at 0, 1/bins, ..., 1, deduplicated. The top edge (the
+      maximum) is nudged up one ulp so the maximum falls inside; when the maximum holds
+      at least half a bin's share of the values (a cap, a saturated score), it keeps a
+      bin of its own ``[max, nextafter(max))`` instead of sharing the bin below it.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    distinct = np.unique(v)
+    top = np.nextafter(distinct[-1], np.inf)
+    if distinct.size <= bins + 1:
+        return np.append(distinct, top)
+    edges = np.unique(np.quantile(v, np.linspace(0.0, 1.0, bins + 1)))
+    if 2 * bins * np.count_nonzero(v == distinct[-1]) >= v.size:
+        return np.append(edges, top)
     edges[-1] = top
     return edges
 
@@ -181,6 +229,9 @@ def build_numeric(values: np.ndarray, bins: int, *, edges: np.ndarray | None = N
     h = NumericHist(edges=e, counts=np.zeros(len(e) + 1, dtype=np.int64),
                     mean=float(v.mean()), std=float(v.std()), n=int(v.size))
     h.counts = h.bin(v)
+    if v.size:
+        below, above = h.excess(v)
+        h.tails = (below / v.size, above / v.size)
     return h
 
 
@@ -188,16 +239,58 @@ def build_score(values: np.ndarray, bins: int, low_cut: float) -> ScoreHist:
     """The score histogram, recording the share below ``low_cut``."""
     h = build_numeric(values, bins)
     return ScoreHist(edges=h.edges, counts=h.counts, mean=h.mean, std=h.std, n=h.n,
-                     low_cut=low_cut, low_fraction=float(np.mean(values < low_cut)))
+                     tails=h.tails, low_cut=low_cut, low_fraction=float(np.mean(values < low_cut)))
 
 
-def build_categorical(counts: Mapping[str, int], max_categories: int) -> CategoricalHist:
-    """Keep the ``max_categories`` most frequent categories; the rest becomes "other"."""
+MAX_RARE = 10_000
+"""Seen-but-not-kept categories recorded per histogram (for ``unseen_share``); beyond
+this many, the rarest count as unseen."""
+
+
+def needs_split(counts: Mapping[str, int], max_categories: int) -> bool:
+    """Whether the cells must be chosen on a different sample than they are counted on.
+
+    Choosing the top categories on the very sample they are counted on inflates their
+    counts (selection bias) and starves "other" of categories the sample never saw,
+    which every later window does see: unchanged data then alarms. That happens when
+    not every category can be kept, or when singletons show the sample missed part of
+    the distribution (Good–Turing: the unseen mass is about singletons / n).
+    """
+    return len(counts) > max_categories or any(c == 1 for c in counts.values())
+
+
+def build_categorical(counts: Mapping[str, int], max_categories: int, *,
+                      count_on: Mapping[str, int] | None = None,
+                      seen: Mapping[str, int] | None = None) -> CategoricalHist:
+    """Keep the ``max_categories`` most frequent categories of ``counts``; the rest is "other".
+
+    ``count_on``: count the cells on this sample instead (disjoint from ``counts``, see
+    ``needs_split``). ``seen``: every category the reference saw (default: both), so
+    the histogram can tell "seen but not kept" from "never seen".
+    """
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_categories]
-    n = int(sum(counts.values()))
-    kept = [int(c) for _, c in top]
-    return CategoricalHist(categories=[str(k) for k, _ in top],
-                           counts=np.asarray([*kept, n - sum(kept)], dtype=np.int64), n=n)
+    cats = [str(k) for k, _ in top]
+    on = counts if count_on is None else count_on
+    n = int(sum(on.values()))
+    kept = [int(on.get(k, 0)) for k, _ in top]
+    if seen is None:
+        seen = counts if count_on is None else {**count_on, **counts}
+    keep = set(cats)
+    rare = [str(k) for k, _ in sorted(seen.items(), key=lambda kv: (-kv[1], kv[0]))
+            if str(k) not in keep][:MAX_RARE]
+    return CategoricalHist(categories=cats, counts=np.asarray([*kept, n - sum(kept)], np.int64),
+                           n=n, rare=rare)
+
+
+def categorical_from_values(values: list[str], max_categories: int) -> CategoricalHist:
+    """A categorical histogram of raw values, without selection bias (``needs_split``):
+    when needed, the cells are chosen on the even-numbered values and counted on the
+    odd-numbered ones (interleaved, so a trend over time favours neither half)."""
+    full = Counter(values)
+    if not needs_split(full, max_categories):
+        return build_categorical(full, max_categories)
+    return build_categorical(Counter(values[0::2]), max_categories,
+                             count_on=Counter(values[1::2]), seen=full)
 
 
 # --------------------------------------------------------------------------- references
@@ -289,7 +382,11 @@ def _hist_from_json(d: Any, where: str) -> Hist:
         cats = [str(c) for c in d["categories"]]
         if len(counts) != len(cats) + 1:
             raise ReferenceError(f"{where}: needs len(categories) + 1 counts (the last is other)")
-        return CategoricalHist(categories=cats, counts=counts, n=int(d.get("n", counts.sum())))
+        rare = d.get("rare")
+        if rare is None and counts[-1] == 0:
+            rare = []  # an empty "other": every category the reference saw was kept
+        return CategoricalHist(categories=cats, counts=counts, n=int(d.get("n", counts.sum())),
+                               rare=None if rare is None else [str(c) for c in rare])
     if d.get("type") != "numeric":
         raise ReferenceError(f"{where}: type must be 'numeric' or 'categorical'")
     edges = np.asarray(d["edges"], dtype=np.float64)
@@ -302,44 +399,72 @@ def _hist_from_json(d: Any, where: str) -> Hist:
     if not (math.isfinite(mean) and math.isfinite(std) and std >= 0):
         raise ReferenceError(f"{where}: mean and std must be finite, std >= 0")
     n = int(d.get("n", counts.sum()))
+    tails = d.get("tails", [0.0, 0.0])
+    if not (isinstance(tails, list) and len(tails) == 2
+            and all(math.isfinite(float(t)) and float(t) >= 0 for t in tails)):
+        raise ReferenceError(f"{where}: tails must be two finite non-negative numbers")
+    tail = (float(tails[0]), float(tails[1]))
     if "low_cut" in d:
-        return ScoreHist(edges, counts, mean, std, n, low_cut=float(d["low_cut"]),
+        return ScoreHist(edges, counts, mean, std, n, tail, low_cut=float(d["low_cut"]),
                          low_fraction=float(d.get("low_fraction", 0.0)))
-    return NumericHist(edges, counts, mean, std, n)
+    return NumericHist(edges, counts, mean, std, n, tail)
 
 
 # --------------------------------------------------------------------------- building from values
 
 
-def as_numeric(values: list[Any]) -> np.ndarray | None:
-    """``values`` as a float64 array when every one is a finite number, else ``None``.
+NUMERIC_SHARE = 0.95
+"""A learned feature is numeric when at least this share of its values are finite numbers."""
 
-    Booleans and strings make a feature categorical.
+
+def as_numeric(values: list[Any]) -> tuple[np.ndarray, int] | None:
+    """The finite numbers among ``values`` as float64 and how many values were not, when
+    at least ``NUMERIC_SHARE`` of them are finite numbers; else ``None`` (categorical).
+
+    Booleans and strings are not numbers. A few missing or malformed values (None, NaN,
+    "n/a") must not turn a numeric feature categorical: the window path drops them too
+    (``Pending.numeric``, counted as ``non_numeric_feature``).
     """
-    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+    nums: list[float] = []
+    for v in values:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            try:
+                f = float(v)
+            except OverflowError:  # an int beyond float range
+                continue
+            if math.isfinite(f):
+                nums.append(f)
+    if not values or len(nums) < NUMERIC_SHARE * len(values):
         return None
-    arr = np.asarray(values, dtype=np.float64)
-    return arr if np.all(np.isfinite(arr)) else None
+    return np.asarray(nums, dtype=np.float64), len(values) - len(nums)
 
 
 def reference_from_values(subject: SubjectKey, *, labels: list[Any], scores: list[float],
                           features: Mapping[str, list[Any]], n: int, bins: int,
-                          max_categories: int, low_cut: float, source: str) -> Reference:
+                          max_categories: int, low_cut: float, source: str,
+                          on_drop: Callable[[str, int], None] | None = None) -> Reference:
     """Build a reference from raw values held in memory (automatic baselines).
 
-    A feature whose values are all finite numbers becomes numeric, any other
-    categorical (values as strings). ``reference build`` streams files instead (cli.py).
+    A feature whose values are mostly finite numbers (``as_numeric``) becomes numeric,
+    its other values left out and reported to ``on_drop("non_numeric_feature", n)``;
+    any other feature is categorical (values as strings). ``reference build`` streams
+    files instead (cli.py).
     """
     ref = Reference(subject=subject, source=source, n=n)
     if labels:
-        ref.label = build_categorical(Counter(str(v) for v in labels), max_categories)
+        ref.label = categorical_from_values([str(v) for v in labels], max_categories)
     score_arr = np.asarray(scores, dtype=np.float64)
     if score_arr.size:
         ref.score = build_score(score_arr, bins, low_cut)
     for name, vals in features.items():
         if not vals:
             continue
-        arr = as_numeric(vals)
-        ref.features[name] = (build_numeric(arr, bins) if arr is not None else
-                              build_categorical(Counter(str(v) for v in vals), max_categories))
+        num = as_numeric(vals)
+        if num is None:
+            ref.features[name] = categorical_from_values([str(v) for v in vals], max_categories)
+            continue
+        arr, bad = num
+        if bad and on_drop is not None:
+            on_drop("non_numeric_feature", bad)
+        ref.features[name] = build_numeric(arr, bins)
     return ref

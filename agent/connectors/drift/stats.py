@@ -17,8 +17,9 @@ Conventions (DRIFT.md):
   bin's mass at the bin's centre, and the underflow/overflow mass at ``e_0`` and
   ``e_B``.
 
-Runtime code must not need scipy (it is a test dependency only), so the chi-squared
-and normal tail probabilities are computed here; tests check them against scipy.
+Runtime code must not need scipy (it is a test dependency only), so the chi-squared,
+normal and hypergeometric tail probabilities are computed here; tests check them
+against scipy.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ import numpy as np
 
 PROPORTION_FLOOR = 1e-4
 """Floor for empty-bin proportions in PSI (then renormalised), so PSI stays finite."""
+
+RELATIVE_EPS = 1e-9
+"""Differences of means below this share of their magnitude are rounding, not change."""
 
 MIN_EXPECTED = 5.0
 """Chi-squared cells with an expected count below this are pooled into one "other" cell."""
@@ -90,15 +94,31 @@ def bin_centres(edges: np.ndarray) -> np.ndarray:
     return np.concatenate([e[:1], 0.5 * (e[:-1] + e[1:]), e[-1:]])
 
 
-def wasserstein_binned(ref: np.ndarray, cur: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Wasserstein-1 distance between the binned distributions (mass at ``bin_centres``).
+def wasserstein_binned(ref: np.ndarray, cur: np.ndarray, edges: np.ndarray, *,
+                       excess_ref: np.ndarray | None = None,
+                       excess_cur: np.ndarray | None = None) -> np.ndarray:
+    """Wasserstein-1 distance between the binned distributions (mass at ``bin_centres``),
+    plus the distance beyond the edges.
 
-    Exact for the discretised distributions; against raw samples it is within about
-    half a bin width. Divide by the reference std to compare features.
+    ``excess_*`` (last axis: below, above) is each side's mean distance beyond the edges,
+    ``sum(e_0 - x for x < e_0) / n`` and ``sum(x - e_B for x >= e_B) / n``: the binned
+    part stops at ``e_0`` and ``e_B``, so without it a window that has left the
+    reference's range entirely reads the same however far it went. Adding
+    ``|excess_cur - excess_ref|`` per tail is exact when only one side reaches beyond an
+    edge (a learned baseline never does: its edges span all its values) and a lower
+    bound otherwise. Inside the edges it is exact for the discretised distributions;
+    against raw samples it is within about half a bin width. Divide by the reference
+    std to compare features.
     """
     x = bin_centres(edges)
     gap = np.cumsum(proportions(ref), axis=-1) - np.cumsum(proportions(cur), axis=-1)
-    return np.sum(np.abs(gap[..., :-1]) * np.diff(x), axis=-1)
+    inside = np.sum(np.abs(gap[..., :-1]) * np.diff(x), axis=-1)
+    if excess_ref is None and excess_cur is None:
+        return inside
+    er = _f(0.0 if excess_ref is None else excess_ref)
+    ec = _f(0.0 if excess_cur is None else excess_cur)
+    return inside + np.sum(np.abs(np.broadcast_to(ec - er, np.broadcast_shapes(
+        er.shape, ec.shape, (2,)))), axis=-1)
 
 
 def entropy_bits(counts: np.ndarray) -> np.ndarray:
@@ -217,26 +237,53 @@ def mean_drop_p(ref_mean: float, ref_var: float, ref_n: float, cur_mean: float, 
     Welch's z: the difference over ``sqrt(var_ref/n + var_cur/m)``, the spread of
     chunk means of that size (DRIFT.md's "k·σ of reference chunk means", with
     k = Φ⁻¹(1 − α)).
+
+    A constant score (variance 0, or ~1e-17 from rounding) must not turn a one-ulp
+    difference of means into an infinite z: differences within ``RELATIVE_EPS`` of the
+    means' magnitude count as none, and the standard error is floored at that scale.
+    A real fall of a constant score is still certain (p = 0).
     """
+    scale = RELATIVE_EPS * max(1.0, abs(ref_mean), abs(cur_mean))
     se = math.sqrt(max(ref_var, 0.0) / max(ref_n, 1.0) + max(cur_var, 0.0) / max(cur_n, 1.0))
     diff = ref_mean - cur_mean
-    if se == 0.0:
-        return 0.0 if diff > 0 else 1.0
-    return float(normal_sf(diff / se))
+    if abs(diff) <= scale:
+        diff = 0.0
+    return float(normal_sf(diff / max(se, scale)))
 
 
 def proportion_rise_p(ref_k: float, ref_n: float, cur_k: float, cur_n: float) -> float:
-    """One-sided two-proportion z-test p-value that ``cur_k/cur_n`` exceeds ``ref_k/ref_n``.
+    """One-sided p-value that the share ``cur_k/cur_n`` exceeds ``ref_k/ref_n``.
 
-    Pooled standard error with a +0.5 continuity pad on the pooled count, so a
-    reference with no low-confidence predictions at all does not make one such
-    prediction in the window look like an infinite z.
+    Fisher's exact test (one-sided): given the ``K = ref_k + cur_k`` events of both
+    sides, the window's count is hypergeometric (``K`` of ``ref_n + cur_n`` drawn
+    ``cur_n`` times) under no change, and the p-value is its upper tail at ``cur_k``
+    (scipy's ``hypergeom.sf(cur_k - 1, ...)``). Exact, so it keeps its false-alarm rate
+    at the low counts of small windows, where a normal approximation fires too often;
+    it is conservative (a discrete test) and a lone low score against a reference
+    without any is no evidence. Counts are rounded to integers.
     """
-    if ref_n <= 0 or cur_n <= 0:
+    n, m = round(ref_n), round(cur_n)
+    if n <= 0 or m <= 0:
         return 1.0
-    pooled = (ref_k + cur_k + 0.5) / (ref_n + cur_n + 1.0)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / ref_n + 1 / cur_n))
-    return float(normal_sf((cur_k / cur_n - ref_k / ref_n) / se))
+    k_cur = round(cur_k)
+    big_k = round(ref_k) + k_cur
+    total = n + m
+    lo, hi = max(0, m - (total - big_k)), min(big_k, m)
+    if k_cur <= lo:
+        return 1.0
+    if k_cur > hi:
+        return 0.0
+
+    def log_choose(a: int, b: int) -> float:
+        return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
+
+    first = log_choose(big_k, k_cur) + log_choose(total - big_k, m - k_cur) - log_choose(total, m)
+    # The tail's terms k_cur .. hi from the first by the pmf ratio pmf(j+1)/pmf(j).
+    j = np.arange(k_cur, hi, dtype=np.float64)
+    steps = (np.log((big_k - j) * (m - j)) - np.log((j + 1) * (total - big_k - m + j + 1)))
+    logs = first + np.concatenate([[0.0], np.cumsum(steps)])
+    top = float(logs.max())
+    return float(min(1.0, math.exp(top) * float(np.exp(logs - top).sum())))
 
 
 def adjusted_min_p(p_values: np.ndarray, method: str = "bonferroni") -> float:
