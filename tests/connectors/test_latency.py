@@ -181,6 +181,29 @@ async def test_sequential_stages_and_their_share() -> None:
         pytest.approx(0.010)
 
 
+async def test_huge_traces_are_analysed_exactly() -> None:
+    # 40k sequential steps under one root, and a chain 20k spans deep. The analysis is
+    # O(n log n) (the walk used to be quadratic: ~6 s of event loop for the steps);
+    # speed is measured in bench/, this checks the numbers at that size.
+    steps, depth = 40_000, 20_000
+    flat, nested = b"\x01" * 16, b"\x02" * 16
+    h = Harness()
+    spans = [sp("generate", 1, None, 0, steps, kind=SERVER, trace_id=flat)]
+    spans += [sp("step", i + 2, 1, i, i + 1, trace_id=flat) for i in range(steps)]
+    spans += [sp("call", i + 1, i or None, i / 1000, 2 * depth - i / 1000, trace_id=nested)
+              for i in range(depth)]
+    await h.feed({"llm": spans})
+    await h.advance(0)
+    await h.advance(h.config.decision_wait + 0.001)
+    await h.advance(h.config.window)
+    assert h.counters()["mlagent_agent_latency_traces_total{outcome=complete}"] == 2
+    # Every step is on the critical path, and every span of the chain.
+    assert h.values("mlagent.latency.critical_path.time", "service.name") == approx(
+        {"llm": steps / 1000 + 2 * depth / 1000})
+    assert h.values("mlagent.latency.self_time", "span.name") == pytest.approx(
+        {"generate": 0.0, "step": steps / 1000, "call": 2 * depth / 1000}, abs=1e-6)
+
+
 async def test_concurrent_children_only_the_last_to_finish_is_critical() -> None:
     # Fan-out: three children start together; the longest one gates the response.
     h = Harness()
@@ -300,6 +323,34 @@ async def test_rootless_trace_is_analysed_after_root_timeout() -> None:
         {"model": 0.080})
 
 
+async def test_long_request_is_kept_while_its_spans_keep_arriving() -> None:
+    # A 90 s generation (defaults: root_timeout 60 s): a child span ends and is
+    # exported every 10 s, the root last. The trace is analysed whole, with its root.
+    h = Harness()
+    await h.feed({"llm": [sp("queue wait", 2, 1, 0, 5000)]})
+    for i in range(9):
+        await h.advance(10)
+        await h.feed({"llm": [sp("generate", 10 + i, 1, 5000 + i * 10_000,
+                                 5000 + (i + 1) * 10_000)]})
+    await h.advance(1)
+    await h.feed({"llm": [sp("POST /generate", 1, None, 0, 96_000, kind=SERVER)]})
+    await h.settle()
+    c = h.counters()
+    assert c["mlagent_agent_latency_traces_total{outcome=complete}"] == 1
+    assert not any("rootless" in k or "late_span" in k or "anomalies" in k for k in c)
+    ((attrs, dp),) = h.points("mlagent.latency.trace.duration")
+    assert attrs["span.name"] == "POST /generate" and dp.sum == pytest.approx(96.0)
+    # Without its root, it is analysed root_timeout after its last span, not its first.
+    h = Harness(root_timeout=30.0)
+    await h.feed({"llm": [sp("queue wait", 2, 1, 0, 5000)]})
+    await h.advance(20)
+    await h.feed({"llm": [sp("generate", 3, 1, 5000, 25_000)]})
+    await h.advance(29)
+    assert "mlagent_agent_latency_traces_total{outcome=rootless}" not in h.counters()
+    await h.advance(1.5)
+    assert h.counters()["mlagent_agent_latency_traces_total{outcome=rootless}"] == 1
+
+
 # --------------------------------------------------------------------------- SDK flow
 
 
@@ -417,6 +468,25 @@ async def test_red_metrics_with_exemplars_and_cumulative_start_time() -> None:
     assert all(dp.start_time_unix_nano == WALL for _, dp in h.points("mlagent.latency.calls"))
 
 
+async def test_exemplars_link_the_span_each_histogram_measures() -> None:
+    h = Harness(buckets=[0.01, 0.1, 1.0])
+    await h.feed({"gw": [sp("handle", 1, None, 0, 100, kind=SERVER),
+                         sp("call model", 2, 1, 10, 90, kind=CLIENT)],
+                  "model": [sp("POST /predict", 3, 2, 20, 80, kind=SERVER),
+                            sp("infer", 4, 3, 25, 35), sp("infer", 5, 3, 40, 75)]})
+    await h.settle()
+
+    def exemplars(name: str) -> list[tuple[float, bytes, int]]:
+        ((_, dp),) = h.points(name)
+        return [(pytest.approx(e.as_double), e.span_id, e.time_unix_nano - T0)
+                for e in dp.exemplars]
+
+    assert exemplars("mlagent.service_graph.client.duration") == [(0.080, sid(2), 90 * MS)]
+    assert exemplars("mlagent.service_graph.server.duration") == [(0.060, sid(3), 80 * MS)]
+    # The stage's time in the trace (10 + 35 ms), linked to its longest span.
+    assert exemplars("mlagent.latency.stage.duration") == [(0.045, sid(5), 75 * MS)]
+
+
 async def test_window_quantiles_reset_each_window() -> None:
     h = Harness()
     await h.feed({"api": [sp("op", i, None, 0, 40) for i in range(1, 11)]})
@@ -480,6 +550,36 @@ async def test_cardinality_overflow_goes_to_one_series_and_is_counted() -> None:
     assert snap["mlagent_agent_latency_series_overflow_total{metric=mlagent.latency.calls}"] == 2
 
 
+async def test_overflow_of_trace_metrics_counts_analysed_measurements() -> None:
+    # One series per metric: service b's measurements overflow. Per analysed trace,
+    # b has 3 spans (self time), 2 of them on the critical path (y2 runs alongside
+    # y1), and one stage time (y1 and y2 together); its spans of skipped traces are
+    # measured by none of these metrics.
+    h = Harness(max_series=1, trace_sample_rate=0.5)
+    rnd = random.Random(2)
+    for _ in range(40):
+        tid = rnd.randbytes(16)
+        await h.feed({"a": [sp("root", 1, None, 0, 100, kind=SERVER, trace_id=tid),
+                            sp("queue", 2, 1, 0, 10, trace_id=tid)],
+                      "b": [sp("x", 3, 1, 10, 90, trace_id=tid),
+                            sp("infer y1", 4, 3, 20, 50, trace_id=tid),
+                            sp("infer y2", 5, 3, 20, 40, trace_id=tid)]})
+    await h.settle()
+    c = h.counters()
+    n = c["mlagent_agent_latency_traces_total{outcome=complete}"]
+    assert 0 < n < 40
+
+    def overflow(metric: str) -> float:
+        return c[f"mlagent_agent_latency_series_overflow_total{{metric={metric}}}"]
+
+    assert overflow("mlagent.latency.self_time") == 4 * n  # a's queue and b's 3 spans
+    assert overflow("mlagent.latency.critical_path.time") == 2 * n
+    assert overflow("mlagent.latency.stage.duration") == n
+    assert overflow("mlagent.latency.calls") == 4 * 40  # RED: every span
+    assert h.values("mlagent.latency.critical_path.time", "service.name") == approx(
+        {"a": 0.020 / 0.5 * n, None: 0.080 / 0.5 * n})
+
+
 def test_name_normaliser() -> None:
     assert normalize_name("GET /users/12345/orders/9") == "GET /users/{id}/orders/{id}"
     assert normalize_name("GET /items/550e8400-e29b-41d4-a716-446655440000") == \
@@ -512,6 +612,27 @@ async def test_stage_by_attribute() -> None:
     await h.settle()
     assert h.values("mlagent.latency.stage.duration", "stage") == approx(
         {"inference": 0.060, "queue": 0.010})
+
+
+async def test_stage_by_attribute_past_the_series_limit() -> None:
+    # Once the stage table is full, name-matched stage spans share the overflow row;
+    # attribute rules still run on every later batch, and the traces are analysed.
+    stages = [StageConfig("inference", attributes={"ml.stage": "^infer"}),
+              StageConfig("queue", span_names=["queue"])]
+    h = Harness(stages=stages, max_series=2)
+    for i in range(4):
+        tid = bytes([i + 1]) * 16
+        await h.feed({f"svc{i}": [sp("handle", 1, None, 0, 100, kind=SERVER, trace_id=tid),
+                                  sp("queue", 2, 1, 0, 10, trace_id=tid),
+                                  sp("step", 3, 1, 10, 40, trace_id=tid,
+                                     attributes={"ml.stage": "inference"})]})
+    await h.settle()
+    c = h.counters()
+    assert c["mlagent_agent_latency_traces_total{outcome=complete}"] == 4
+    assert not any("internal_error" in k for k in c)
+    assert h.values("mlagent.latency.stage.duration", "service.name", "stage") == approx(
+        {("svc0", "queue"): 0.010, ("svc0", "inference"): 0.030,
+         (None, None): 3 * 0.010 + 3 * 0.030})
 
 
 async def test_messaging_edges() -> None:

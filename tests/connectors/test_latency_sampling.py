@@ -179,3 +179,36 @@ async def test_attribute_matched_stages_of_sampled_traces() -> None:
     assert hist["model"].count == n
     assert hist["model"].sum == pytest.approx(n * 0.030)
     assert not any("internal_error" in k for k in h.counters())
+
+
+async def test_stage_spans_of_unsampled_traces_do_not_break_emission() -> None:
+    # A stage span creates its stage row when consumed; the stage histogram grows only
+    # when a trace with the stage is analysed. With the default rate and no sampled
+    # trace yet, every window must still emit (RED metrics first of all).
+    h = Harness(trace_sample_rate=LatencyConfig().trace_sample_rate)
+    rnd = random.Random(0)
+    ids = [rnd.randbytes(16) for _ in range(200)]
+    keep = sample_mask(trace_keys(ids)[0], h.config.trace_sample_rate)
+    assert keep is not None
+    unsampled = [t for t, k in zip(ids, keep.tolist(), strict=True) if not k][:20]
+    for tid in unsampled:
+        await h.feed({"api": [sp("handle", 1, None, 0, 100, kind=SERVER, trace_id=tid),
+                              sp("model.infer", 2, 1, 10, 90, trace_id=tid)]})
+    for window in range(1, 3):
+        await h.settle()
+        assert len(h.sink.batches) == window
+        assert h.values("mlagent.latency.calls", "span.name") == \
+            {"handle": 20, "model.infer": 20}
+        assert h.points("mlagent.latency.stage.duration") == []
+
+
+async def test_spans_without_a_valid_trace_id_are_not_counted_as_analysed() -> None:
+    h = Harness(trace_sample_rate=0.5)
+    await h.feed({"a": [sp("x", 1, None, 0, 10, trace_id=b""),
+                        sp("y", 2, None, 0, 10, trace_id=bytes(16)),
+                        sp("z", 3, None, 0, 10, trace_id=b"\x01" * 5)]})
+    await h.settle()
+    c = h.counters()
+    assert c["mlagent_agent_dropped_items_total{reason=invalid_trace_id,signal=traces}"] == 3
+    assert c.get("mlagent_agent_latency_sampled_spans_total{decision=analysed}", 0) == 0
+    assert h.values("mlagent.latency.calls", "span.name") == {"x": 1, "y": 1, "z": 1}

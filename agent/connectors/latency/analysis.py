@@ -3,9 +3,10 @@
 For each assembled trace it finds: each span's self (exclusive) time, the critical
 path and the time each service spends on it, the time in each stage, and the
 service-graph edges. All of it runs as numpy operations over the spans of many
-traces at once (sorts, ``searchsorted``, segmented running maxima); Python loops only
-run as many rounds as the deepest trace is deep, or as a parent has sequential
-children on the critical path.
+traces at once (sorts, ``searchsorted``, segmented running maxima), in O(n log n):
+values pass down parent chains by pointer jumping (log2 of the deepest chain rounds),
+and the critical-path walk binary-searches each parent's children (a round per step
+while many parents walk, then a Python loop for the few with long paths).
 
 Input is ``Spans`` (times in integer Unix nanoseconds). Bad input never raises:
 
@@ -19,6 +20,7 @@ Input is ``Spans`` (times in integer Unix nanoseconds). Bad input never raises:
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,8 +47,9 @@ class Analysis:
     it (a trace's entries add up to its root's duration). ``member_*``: one entry per
     (trace, service) taking part, with the trace's duration (the denominator of
     shares). ``stage_*``: one entry per (trace, stage row), the union of that stage's
-    span intervals within the root's interval. ``edge_*``: one entry per CLIENT ->
-    SERVER (or PRODUCER -> CONSUMER) parent/child pair.
+    span intervals within the root's interval, and the id and end of the stage's
+    longest span there (its exemplar). ``edge_*``: one entry per CLIENT -> SERVER (or
+    PRODUCER -> CONSUMER) parent/child pair, with the id and end of each side.
     """
 
     traces: int
@@ -68,6 +71,8 @@ class Analysis:
     stage_row: np.ndarray
     stage_ns: np.ndarray
     stage_trace: np.ndarray  # index into the trace_* arrays
+    stage_sid: np.ndarray
+    stage_end: np.ndarray
     edge_client: np.ndarray  # service rows
     edge_server: np.ndarray
     edge_messaging: np.ndarray  # bool: PRODUCER -> CONSUMER
@@ -76,7 +81,9 @@ class Analysis:
     edge_failed: np.ndarray
     edge_trace_id: np.ndarray  # (e, 2) uint64 words
     edge_client_sid: np.ndarray
-    edge_end: np.ndarray
+    edge_end: np.ndarray  # of the client span
+    edge_server_sid: np.ndarray
+    edge_server_end: np.ndarray
 
 
 def union_lengths(group: np.ndarray, start: np.ndarray, end: np.ndarray, base: np.ndarray,
@@ -129,15 +136,83 @@ def union_lengths(group: np.ndarray, start: np.ndarray, end: np.ndarray, base: n
     return out
 
 
-def _propagate(values: np.ndarray, child: np.ndarray, parent: np.ndarray,
-               step: Callable[[np.ndarray], np.ndarray]) -> None:
-    """Set ``values[child] = step(values[parent])`` until nothing changes: a value
-    travels one level down per round, so rounds = depth of the deepest trace."""
-    for _ in range(len(values) + 1):
-        new = step(values[parent])
-        if np.array_equal(new, values[child]):
+def _along_ancestors(values: np.ndarray, parent: np.ndarray,
+                     op: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Per span, ``op`` (associative: max, min, and) folded over its value and those
+    of all its ancestors (``parent``: -1 at the top of a chain), and which spans'
+    chains never end.
+
+    Pointer jumping: each round folds in the value of the span's current ancestor
+    link and doubles the link, so rounds = log2 of the deepest chain, not its depth
+    (a chain of 60k nested spans takes 16 rounds). Spans whose chain never ends (a
+    parent cycle in bad input) have folded in every span of the cycle when the
+    rounds run out; the caller decides what that means.
+    """
+    out = values.copy()
+    link = parent.copy()
+    for _ in range(max(1, len(values)).bit_length() + 1):
+        at = np.flatnonzero(link >= 0)
+        if not len(at):
             break
-        values[child] = new
+        up = link[at]
+        out[at] = op(out[at], out[up])
+        link[at] = link[up]
+    return out, link >= 0
+
+
+# Below this many parents with children left to walk, the critical-path walk goes on
+# parent by parent in Python (bisect per step): a parent with tens of thousands of
+# sequential children would otherwise take as many vectorised rounds.
+_WALK_TAIL = 16
+
+
+def _critical_children(live: np.ndarray, parent: np.ndarray, fcs: np.ndarray,
+                       fce: np.ndarray, chosen: np.ndarray) -> None:
+    """Mark in ``chosen`` the children on each parent's critical path.
+
+    ``live`` is sorted by (parent, end descending, start descending, span id). From
+    the parent's end, the next child on the path is the first in its parent's
+    segment ending at or before the current point; the walk goes on from that
+    child's start. Ends are descending within a segment, so that child is found by
+    binary search (every child before it ends later than the current point, the
+    chosen ones included): O(log n) per step, one step per parent per round.
+    """
+    if not len(live):
+        return
+    par = parent[live]
+    heads = np.flatnonzero(np.r_[True, par[1:] != par[:-1]])
+    tails = np.r_[heads[1:], len(live)]
+    # Ends as descending ranks, offset by segment, so one sorted key serves every
+    # segment's search: key = segment * (m + 1) + rank.
+    ends = np.unique(fce[live])
+    m = len(ends)
+    rank = m - 1 - np.searchsorted(ends, fce[live])
+    key = np.repeat(np.arange(len(heads)), tails - heads) * (m + 1) + rank
+    cur = fce[par[heads]]
+    active = np.arange(len(heads))
+    while len(active) > _WALK_TAIL:
+        # First child ending at or before cur: rank >= m - #(ends <= cur).
+        at = np.searchsorted(key, active * (m + 1) + m - np.searchsorted(ends, cur[active],
+                                                                         side="right"))
+        ok = at < tails[active]
+        active, at = active[ok], at[ok]
+        pick = live[at]
+        chosen[pick] = True
+        cur[active] = fcs[pick]
+    for seg in active.tolist():
+        lo, hi = int(heads[seg]), int(tails[seg])
+        neg_end = (-fce[live[lo:hi]]).tolist()  # ascending
+        starts = fcs[live[lo:hi]].tolist()
+        point, i, picks = int(cur[seg]), 0, []
+        while True:
+            i = bisect_left(neg_end, -point, i)
+            if i >= hi - lo:
+                break
+            picks.append(i)
+            point = starts[i]
+            i += 1
+        chosen[live[lo:hi][picks]] = True
 
 
 def analyze(sp: Spans) -> Analysis | None:
@@ -185,10 +260,8 @@ def analyze(sp: Spans) -> Analysis | None:
     skew = (start[c] < start[p]) | (sp.end[c] > end[p])
     rcs = np.maximum(start[c], start[p])
     rce = np.minimum(sp.end[c], end[p])
-    fcs, fce = start.copy(), end.copy()
-    raw_s, raw_e = start[c], sp.end[c]
-    _propagate(fcs, c, p, lambda pv: np.maximum(raw_s, pv))
-    _propagate(fce, c, p, lambda pv: np.minimum(raw_e, pv))
+    fcs, _ = _along_ancestors(start, parent, np.maximum)
+    fce, _ = _along_ancestors(np.where(parent >= 0, sp.end, end), parent, np.minimum)
     fce = np.maximum(fce, fcs)
 
     # Self time: duration minus the union of the children's clipped intervals.
@@ -201,27 +274,18 @@ def analyze(sp: Spans) -> Analysis | None:
     # one are concurrent and off the path. Done for every parent at once, one chosen
     # child per parent per round.
     chosen = np.zeros(n, dtype=bool)
-    cur = fce.copy()  # each parent's current point
     live = c[fce[c] > fcs[c]]
     # Per parent, latest end first; on equal ends the later start (the shorter child);
     # identical intervals go to the lower span id, so the choice never depends on
     # arrival order.
     live = live[np.lexsort((sp.sid[live].byteswap(), -fcs[live], -fce[live], parent[live]))]
-    while len(live):
-        par = parent[live]
-        ok = fce[live] <= cur[par]  # once too late, a child stays too late
-        live, par = live[ok], par[ok]
-        if not len(live):
-            break
-        first = np.r_[True, par[1:] != par[:-1]]
-        pick = live[first]
-        chosen[pick] = True
-        cur[parent[pick]] = fcs[pick]
-        live = live[~first]
-    on_path = np.zeros(n, dtype=bool)
-    on_path[roots] = True
-    chosen_c = chosen[c]
-    _propagate(on_path, c, p, lambda pv: chosen_c & pv)
+    _critical_children(live, parent, fcs, fce, chosen)
+    # On the path: a measured root, or a chosen child all of whose ancestors are.
+    top = np.zeros(n, dtype=bool)
+    top[roots] = True
+    on_path, in_cycle = _along_ancestors(np.where(parent >= 0, chosen, top), parent,
+                                         np.logical_and)
+    on_path &= ~in_cycle
     covered = np.zeros(n, dtype=np.int64)
     pc = np.flatnonzero(chosen)
     np.add.at(covered, parent[pc], fce[pc] - fcs[pc])
@@ -248,6 +312,10 @@ def analyze(sp: Spans) -> Analysis | None:
     stage_keys, stage_group = np.unique(tt.astype(np.int64) * q_max + sp.stage[st],
                                         return_inverse=True)
     stage_ns = union_lengths(stage_group, s_clip, e_clip, r_start[tt], len(stage_keys))
+    # Each (trace, stage)'s longest span (on equal lengths the later end): its exemplar.
+    by_length = np.lexsort((e_clip, e_clip - s_clip, stage_group))
+    last_of_group = np.r_[stage_group[by_length][1:] != stage_group[by_length][:-1], True]
+    stage_span = st[by_length[last_of_group]] if len(st) else st
 
     # Service-graph edges: a CLIENT (PRODUCER) parent with a SERVER (CONSUMER) child.
     pk, ck = sp.kind[p], sp.kind[c]
@@ -264,9 +332,11 @@ def analyze(sp: Spans) -> Analysis | None:
         path_svc=sp.svc[path], path_ns=path_ns,
         member_svc=(pairs % s_max).astype(np.int32), member_ns=dur[roots][member_t],
         stage_row=(stage_keys % q_max).astype(np.int32), stage_ns=stage_ns,
-        stage_trace=stage_keys // q_max,
+        stage_trace=stage_keys // q_max, stage_sid=sp.sid[stage_span],
+        stage_end=end[stage_span],
         edge_client=sp.svc[ep], edge_server=sp.svc[ec], edge_messaging=messaging[is_edge],
         edge_client_ns=dur[ep], edge_server_ns=dur[ec],
         edge_failed=(sp.status[ep] == STATUS_ERROR) | (sp.status[ec] == STATUS_ERROR),
         edge_trace_id=sp.trace_id[ec], edge_client_sid=sp.sid[ep], edge_end=end[ep],
+        edge_server_sid=sp.sid[ec], edge_server_end=end[ec],
     )

@@ -2,8 +2,10 @@
 
 Spans of one trace arrive out of order, over many batches, from several services.
 A trace is *due* for analysis when its root span (no parent) has arrived and no span
-of it has arrived for ``decision_wait`` seconds, or, when the root never arrives (an
-uninstrumented caller, a lost span), ``root_timeout`` seconds after its first span.
+of it has arrived for ``decision_wait`` seconds, or, when the root has not arrived (an
+uninstrumented caller, a lost span), once no span of it has arrived for
+``root_timeout`` seconds. Quiet time, not age: a long request (a minute-long
+generation) keeps exporting child spans before its root, which ends last.
 The buffer is bounded by ``max_traces`` and ``max_spans``: the oldest trace is
 evicted first and counted with the reason. Spans arriving for a trace already
 analysed or evicted are *late* and counted too, rather than starting a second,
@@ -104,7 +106,7 @@ class TraceBuffer:
         """Remove the traces ready for analysis at ``now``: their spans and how many."""
         wait, timeout = self.decision_wait, self.root_timeout
         ready = [k for k, t in self.traces.items()
-                 if (now - t[_LAST] >= wait if t[_ROOT] else now - t[_FIRST] >= timeout)]
+                 if now - t[_LAST] >= (wait if t[_ROOT] else timeout)]
         return self._take(ready), len(ready)
 
     def drain(self) -> tuple[Spans, int]:

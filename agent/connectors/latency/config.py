@@ -77,8 +77,9 @@ class LatencyConfig:
     """``[connectors.latency]``: where each request's time goes, per service and stage.
 
     ``decision_wait`` is the quiet time after a trace's root span has arrived (and
-    after its last span) before the trace is analysed; ``root_timeout`` is how long a
-    trace whose root never arrives is kept before it is analysed without it.
+    after its last span) before the trace is analysed; ``root_timeout`` is the quiet time
+    (no span of the trace arriving) after which a trace whose root has not arrived is
+    analysed without it.
     ``max_traces``/``max_spans`` bound the assembly buffer (oldest trace evicted first);
     ``max_series`` bounds every metric's series (excess goes to one overflow series).
     ``trace_sample_rate`` is the fraction of traces analysed whole (self time, critical

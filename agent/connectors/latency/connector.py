@@ -377,6 +377,10 @@ class LatencyConnector:
         # operations), cached by (service, raw name, kind, status) across batches.
         cache, window_cache, nl = self._rows, self._window.rows, len(local)
         group_rows = []
+        # The stage each group's name gives, for attribute rules to refine (read here,
+        # not back from the stage table: an overflow row has no key).
+        group_stage: list[str | None] = []
+        attribute_rules = self._names.has_attribute_rules
         for c, weight in zip(uniq.tolist(), weights.tolist(), strict=True):
             c, st = divmod(c, 4)
             c, k = divmod(c, 8)
@@ -389,6 +393,9 @@ class LatencyConnector:
             if win_row is None:
                 win_row = self._resolve_window(key, looked[ni][0], now_ns, weight)
             group_rows.append((*rows, win_row))
+            if attribute_rules:
+                matches = looked[ni][1]
+                group_stage.append(self._names.stage(matches, k) if matches else None)
         red_u, op_u, svc_u, stage_u, win_u = np.array(group_rows, dtype=np.int64).T
         nu, red, win = len(uniq), self._red, self._window.ops
         # Calls and errors per group; durations summarised per group once, merged
@@ -410,7 +417,9 @@ class LatencyConnector:
         keep = sample_mask(tkey, self._cfg.trace_sample_rate)
         if keep is not None:
             n_kept = int(np.count_nonzero(keep))
-            self._sampling.labels("analysed").inc(n_kept)
+            # Spans without a valid trace id are kept for the buffer to count as
+            # invalid_trace_id: no trace of theirs is analysed.
+            self._sampling.labels("analysed").inc(int(np.count_nonzero(keep & (tkey != 0))))
             self._sampling.labels("skipped").inc(cols.n - n_kept)
             if n_kept == 0:
                 return
@@ -418,9 +427,10 @@ class LatencyConnector:
             kind, status, start, end = kind[keep], status[keep], start[keep], end[keep]
             arrived = arrived[keep]
         stage = stage_u[inverse]
-        if self._names.has_attribute_rules:
+        if attribute_rules:
             assert batch is not None  # consume passes it whenever there are attribute rules
-            stage = self._attribute_stages(batch, kind, stage, now_ns, keep)
+            stage = self._attribute_stages(batch, kind, [group_stage[g] for g in inverse.tolist()],
+                                           now_ns, keep)
         spans = cols.spans_at(range(cols.n) if keep is None else np.flatnonzero(keep).tolist())
         sw, _ = id_words(list(map(_span_id, spans)), 8)
         pw, plen = id_words(list(map(_parent_span_id, spans)), 8)
@@ -436,17 +446,17 @@ class LatencyConnector:
     def _resolve(self, key: tuple[str, str, int, int], looked: tuple[str, Any], now_ns: int,
                  weight: int) -> tuple[int, int, int, int]:
         """The cumulative rows of a (service, raw name, kind, status) group: RED,
-        self time, critical path and stage (-1: none); cached unless one of them is
-        an overflow row (whose measurements must be counted at every batch)."""
+        self time, critical path and stage (-1: none); cached unless the RED row is
+        the overflow row (whose ``weight`` measurements must be counted at every
+        batch). Self time, critical path and stage measurements come from analysed
+        traces only: ``_record`` counts those that land in an overflow row."""
         svc, _, k, st = key
         name, matches = looked
         stage_name = self._names.stage(matches, k) if matches else None
-        rows = (self._red.row((svc, name, KIND_NAMES[k], STATUS_NAMES[st]), now_ns, weight),
-                self._self.row((svc, name), now_ns, weight),
-                self._critical.row(svc, now_ns, weight),
-                self._stages.row((svc, stage_name), now_ns, weight) if stage_name else -1)
-        tables = (self._red, self._self, self._critical, self._stages)
-        if all(row != t.overflow_row for row, t in zip(rows, tables, strict=True)):
+        red = self._red.row((svc, name, KIND_NAMES[k], STATUS_NAMES[st]), now_ns, weight)
+        rows = (red, self._self.row((svc, name), now_ns, 0), self._critical.row(svc, now_ns, 0),
+                self._stages.row((svc, stage_name), now_ns, 0) if stage_name else -1)
+        if red != self._red.overflow_row:
             _bounded_put(self._rows, key, rows, 4 * self._cfg.max_series)
         return rows
 
@@ -460,13 +470,13 @@ class LatencyConnector:
             _bounded_put(self._window.rows, key, row, 4 * self._cfg.max_series)
         return row
 
-    def _attribute_stages(self, batch: TraceBatch, kind: np.ndarray, by_name: np.ndarray,
-                          now_ns: int, keep: np.ndarray | None) -> np.ndarray:
+    def _attribute_stages(self, batch: TraceBatch, kind: np.ndarray,
+                          stage_names: list[str | None], now_ns: int,
+                          keep: np.ndarray | None) -> np.ndarray:
         """Stage rows per kept span (``keep``: the sampled spans' mask, ``None``: all)
         when some stage is matched by attributes (slow path: every kept span's
-        attributes are read)."""
-        stage_names = [None if r < 0 else self._stages.keys[r][1]  # type: ignore[index]
-                       for r in by_name.tolist()]
+        attributes are read). ``stage_names``: per kept span, the stage its name and
+        kind give (``None``: none)."""
         cols = batch.columns
         spans = [sp for rs in batch.request.resource_spans for ss in rs.scope_spans
                  for sp in ss.spans]
@@ -475,7 +485,7 @@ class LatencyConnector:
         out = np.empty(len(stage_names), dtype=np.int32)
         for j, (i, k, st) in enumerate(zip(index, kind.tolist(), stage_names, strict=True)):
             st = self._names.stage_of_attributes(attributes_to_dict(spans[i].attributes), k, st)
-            out[j] = self._stages.row((services[resource[i]], st), now_ns) if st else -1
+            out[j] = self._stages.row((services[resource[i]], st), now_ns, 0) if st else -1
         return out
 
     # ----------------------------------------------------------------- per trace
@@ -497,7 +507,7 @@ class LatencyConnector:
         root_ids = _id_bytes(a.trace_root_sid, 8)
         secs = a.trace_ns * NS
 
-        rows = _remap(a.trace_op, lambda op: self._roots.row(self._self.keys[op], now_ns))
+        rows = _remap(a.trace_op, lambda op, n: self._roots.row(self._self.keys[op], now_ns, n))
         self._trace_duration.add(rows, secs, len(self._roots), trace_ids=trace_ids,
                                  span_ids=root_ids, times=a.trace_end)
         # Sums over traces estimate the total over every trace: each analysed trace
@@ -505,14 +515,19 @@ class LatencyConnector:
         # themselves, and window shares and quantiles need no scaling.
         scale = NS / self._cfg.trace_sample_rate
         self._self_time.add(a.self_op, a.self_ns * scale, len(self._self))
+        _count_overflow_rows(self._self, a.self_op)
+        _count_overflow_rows(self._critical, a.path_svc)
+        _count_overflow_rows(self._stages, a.stage_row)
 
         path_s = a.path_ns * NS
         self._critical_time.add(a.path_svc, a.path_ns * scale, len(self._critical))
 
-        def window_service(svc: int) -> int:
-            return w.services.row(self._critical.keys[svc], now_ns)
+        def window_service(svc: int, n: int) -> int:
+            return w.services.row(self._critical.keys[svc], now_ns, n)
 
-        w.critical_time.add(_remap(a.path_svc, window_service), path_s, len(w.services))
+        # A share's measurements: one per (trace, service) taking part.
+        w.critical_time.add(_remap(a.path_svc, lambda svc, _: window_service(svc, 0)), path_s,
+                            len(w.services))
         w.critical_total.add(_remap(a.member_svc, window_service), a.member_ns * NS,
                              len(w.services))
 
@@ -520,9 +535,8 @@ class LatencyConnector:
         st_traces = a.stage_trace.tolist()
         self._stage_duration.add(a.stage_row, stage_s, len(self._stages),
                                  trace_ids=[trace_ids[t] for t in st_traces],
-                                 span_ids=[root_ids[t] for t in st_traces],
-                                 times=a.trace_end[a.stage_trace])
-        w_rows = _remap(a.stage_row, lambda r: w.stages.row(self._stages.keys[r], now_ns))
+                                 span_ids=_id_bytes(a.stage_sid, 8), times=a.stage_end)
+        w_rows = _remap(a.stage_row, lambda r, n: w.stages.row(self._stages.keys[r], now_ns, n))
         w.stage_duration.add(w_rows, stage_s, len(w.stages))
         w.stage_time.add(w_rows, stage_s, len(w.stages))
         w.stage_total.add(w_rows, secs[a.stage_trace], len(w.stages))
@@ -532,24 +546,26 @@ class LatencyConnector:
             code = (a.edge_client.astype(np.int64) * len(svc_keys) + a.edge_server) * 2 \
                 + a.edge_messaging
 
-            def edge_row(code: int) -> int:
+            def edge_row(code: int, n: int) -> int:
                 pair, messaging = divmod(code, 2)
                 client, server = svc_keys[pair // len(svc_keys)], svc_keys[pair % len(svc_keys)]
                 key = None if client is None or server is None else (
                     client, server, CONNECTION_MESSAGING if messaging else CONNECTION_DIRECT)
-                return self._edges.row(key, now_ns)
+                return self._edges.row(key, now_ns, n)
 
             rows = _remap(code, edge_row)
             n = len(self._edges)
             edge_traces = _id_bytes(a.edge_trace_id, 16)
-            client_spans = _id_bytes(a.edge_client_sid, 8)
             per_edge = 1.0 / self._cfg.trace_sample_rate
             self._requests.add(rows, per_edge, n)
             self._failures.add(rows, a.edge_failed * per_edge, n)
-            for hist, ns in ((self._client_duration, a.edge_client_ns),
-                             (self._server_duration, a.edge_server_ns)):
-                hist.add(rows, ns * NS, n, trace_ids=edge_traces, span_ids=client_spans,
-                         times=a.edge_end)
+            # Each side's histogram links to that side's span.
+            self._client_duration.add(rows, a.edge_client_ns * NS, n, trace_ids=edge_traces,
+                                      span_ids=_id_bytes(a.edge_client_sid, 8),
+                                      times=a.edge_end)
+            self._server_duration.add(rows, a.edge_server_ns * NS, n, trace_ids=edge_traces,
+                                      span_ids=_id_bytes(a.edge_server_sid, 8),
+                                      times=a.edge_server_end)
 
         for anomaly, count in (("orphan", a.orphans), ("clock_skew", a.clock_skew),
                                ("duplicate", a.duplicates)):
@@ -722,10 +738,19 @@ def _group(code: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray, np.n
     return uniq, group_of[code], counts[uniq]
 
 
-def _remap(values: np.ndarray, row_of: Callable[[int], int]) -> np.ndarray:
-    """``row_of`` applied to each distinct value once, broadcast back to ``values``."""
-    uniq, inverse = np.unique(values, return_inverse=True)
-    return np.asarray([row_of(v) for v in uniq.tolist()], dtype=np.int64)[inverse]
+def _remap(values: np.ndarray, row_of: Callable[[int, int], int]) -> np.ndarray:
+    """``row_of(value, occurrences)`` applied to each distinct value once, broadcast
+    back to ``values`` (occurrences: the measurements a row about to take them gets)."""
+    uniq, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return np.asarray([row_of(v, c) for v, c in zip(uniq.tolist(), counts.tolist(),
+                                                      strict=True)],
+                      dtype=np.int64)[inverse.reshape(-1)]
+
+
+def _count_overflow_rows(series: Series, rows: np.ndarray) -> None:
+    """Count the measurements at ``rows`` that land in ``series``' overflow row."""
+    if series.overflow_row is not None:
+        series.overflowed += int(np.count_nonzero(rows == series.overflow_row))
 
 
 def _id_bytes(words: np.ndarray, width: int) -> list[bytes]:

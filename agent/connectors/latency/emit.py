@@ -41,15 +41,22 @@ def series_points(series: Series, values: np.ndarray) -> list[tuple[dict[str, An
 
 def histogram_metric(name: str, unit: str, description: str, series: Series, hist: Histograms,
                      now_ns: int) -> Metric | None:
-    """A cumulative explicit-bucket histogram with exemplars; ``None`` without rows."""
-    if not len(series):
+    """A cumulative explicit-bucket histogram with exemplars; ``None`` without points.
+
+    Rows without observations emit no point. That includes rows the histogram has not
+    grown to: a series row may exist before anything was recorded in it (a stage row
+    is created when a span of the stage is consumed, its histogram row only when a
+    trace containing it is analysed).
+    """
+    n = min(len(series), len(hist.counts))
+    if not n:
         return None
     m = Metric(name=name, unit=unit, description=description)
     m.histogram.aggregation_temporality = CUMULATIVE
     bounds = hist.bounds.tolist()
-    counts = hist.counts[: len(series)]
+    counts = hist.counts[:n]
     totals = counts.sum(axis=1).tolist()
-    for row in range(len(series)):
+    for row in range(n):
         if not totals[row]:
             continue
         dp = m.histogram.data_points.add(
@@ -61,7 +68,7 @@ def histogram_metric(name: str, unit: str, description: str, series: Series, his
         for trace_id, span_id, t, value in hist.exemplars_of(row):
             dp.exemplars.add(time_unix_nano=t, as_double=value, trace_id=trace_id,
                              span_id=span_id)
-    return m
+    return m if m.histogram.data_points else None
 
 
 def gauge_metric(name: str, unit: str, description: str,
