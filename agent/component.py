@@ -123,10 +123,15 @@ class Host:
     ``services`` holds shared in-process services by name (for example the hardware
     snapshot that the ``host`` receiver fills and the ``enrich`` processor reads);
     components reach one with ``service`` in ``start``.
+
+    ``shutdown_timeout`` is ``service.shutdown_timeout``: the drain deadline of the whole
+    graph, and so the longest a component's own ``shutdown`` may usefully wait (a
+    sending queue drains into its backend for that long).
     """
 
     state_dir: Path
     services: dict[str, Any] = field(default_factory=dict)
+    shutdown_timeout: float = 10.0  # service.shutdown_timeout's default
     # The agent's self-metrics registry (agent.telemetry.Telemetry), for components
     # that report on the agent itself.
     telemetry: Any = None

@@ -88,6 +88,11 @@ class Fanout:
     The call succeeds only when every consumer accepted the batch; otherwise it
     raises ``RetryableError`` if any consumer asked to retry (some consumers may
     then see the batch twice: at-least-once), else ``PermanentError``.
+
+    A partial rejection (``PermanentError`` with ``rejected``) is passed on only when
+    no consumer took the whole batch, as the largest ``rejected`` among them: when one
+    did, the data is in the agent and the sender is answered success (the consumer
+    that rejected part counted its drop).
     """
 
     def __init__(self, consumers: Sequence[Any] = ()) -> None:
@@ -126,6 +131,12 @@ class Fanout:
                 raise e  # CancelledError and friends
         permanent = [e for e in errors if isinstance(e, PermanentError)]
         if len(permanent) == len(errors):
+            partial = [e.rejected for e in permanent if e.rejected is not None]
+            if len(partial) == len(permanent):  # each rejected only part of the batch
+                if len(errors) < len(cs):
+                    return  # another consumer took it all
+                raise PermanentError("; ".join(str(e) for e in permanent),
+                                     rejected=max(partial))
             raise PermanentError("; ".join(str(e) for e in permanent))
         raise errors[0]
 

@@ -40,6 +40,7 @@ from aiohttp import web
 from agent.component import Host, Kind, cancel_tasks
 from agent.config import AgentConfig, ConfigError, load_config, load_config_file, split_endpoint
 from agent.graph import Graph, StartError
+from agent.queue.stranded import warn_stranded_queue_files
 from agent.registry import factories
 from agent.telemetry import Telemetry, log, setup_logging
 
@@ -230,10 +231,12 @@ class Agent:
         self._reload_requested.set()
 
     async def _start_graph(self, config: AgentConfig) -> None:
-        host = Host(state_dir=self.state_dir)
+        host = Host(state_dir=self.state_dir, shutdown_timeout=config.service.shutdown_timeout)
         graph = Graph(config, self.telemetry, host)
         self.graph = graph
         await graph.start()
+        # A renamed or removed persistent exporter leaves its queue file unsent.
+        await warn_stranded_queue_files(host)
 
     async def _stop_all(self) -> list[str]:
         cancelled: list[str] = []

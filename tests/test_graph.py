@@ -208,6 +208,27 @@ async def test_fanout_retryable_wins_and_keeps_largest_hint() -> None:
     assert c.item_count == 1
 
 
+async def test_fanout_passes_a_partial_rejection_on_only_when_no_consumer_took_it_all() -> None:
+    ten = trace_batch([span(f"s{i}") for i in range(10)])
+    took_all, part = Sink(), Sink()
+    part.fail_with = PermanentError("peer rejected 1 item", rejected=1)
+    await Fanout([took_all, part]).consume(ten.copy())  # the data is in the agent: success
+    assert took_all.item_count == 10
+
+    less, more = Sink(), Sink()
+    less.fail_with = PermanentError("rejected 1", rejected=1)
+    more.fail_with = PermanentError("rejected 3", rejected=3)
+    with pytest.raises(PermanentError) as ei:
+        await Fanout([less, more]).consume(ten.copy())
+    assert ei.value.rejected == 3  # the largest, not "the whole batch"
+
+    whole = Sink()
+    whole.fail_with = PermanentError("all bad")
+    with pytest.raises(PermanentError) as ei:
+        await Fanout([less, whole]).consume(ten.copy())
+    assert ei.value.rejected is None
+
+
 async def test_fanout_copies_only_for_mutators() -> None:
     ro1, ro2, mut = Sink(), Sink(), Sink(mutates=True)
     batch = trace_batch([span()])

@@ -204,6 +204,70 @@ def test_sigterm_drains_the_batch_processor(tmp_path, ports, start_agent) -> Non
         up.close()
 
 
+async def test_components_drain_within_the_configured_shutdown_timeout(tmp_path, ports) -> None:
+    """``service.shutdown_timeout`` reaches every component's host, so a memory queue
+    (the file exporter's) drains for that long instead of a fixed 5 s."""
+    from agent.component import Kind
+    from agent.service import Agent, load
+
+    (tmp_path / "state").mkdir()
+    path = tmp_path / "agent.toml"
+    path.write_text(config(tmp_path, *ports).replace('shutdown_timeout = "10s"',
+                                                     'shutdown_timeout = "42s"'))
+    agent = Agent(load(path), str(path), env={})
+    await agent._start_graph(agent.config)
+    try:
+        assert agent.graph is not None
+        assert agent.graph.host.shutdown_timeout == 42
+        exporter = agent.graph.instances(Kind.EXPORTER)["exporter:file"]
+        assert exporter.sender._drain_deadline == 42
+    finally:
+        assert agent.graph is not None
+        await agent.graph.shutdown(5)
+
+
+async def test_queue_files_no_exporter_owns_are_named_at_start_and_reload(
+        tmp_path, ports, caplog) -> None:
+    """A persistent exporter renamed from ``otlp/old``: its file still holds acknowledged
+    batches that nothing sends. Start and reload say so, with how much it holds."""
+    from agent.component import Kind, RetryableError
+    from agent.queue import QueueConfig, QueuedSender, RetryConfig
+    from agent.service import Agent, load
+    from agent.telemetry import Telemetry
+    from agent.testing import make_host, settings_for, span, trace_batch
+
+    async def down(_batch) -> None:
+        raise RetryableError("backend down", retry_after=10)
+
+    state = tmp_path / "state"
+    old = QueuedSender(settings_for("otlp/old", Kind.EXPORTER, Telemetry()),
+                       QueueConfig(persistent=True), RetryConfig(max_elapsed_time=0), down)
+    await old.start(make_host(state))
+    for i in range(3):
+        await old.put(trace_batch([span(f"s{i}"), span(f"t{i}")]))
+    await old.shutdown(deadline=0.05)
+
+    path = tmp_path / "agent.toml"
+    path.write_text(config(tmp_path, *ports))
+    agent = Agent(load(path), str(path), env={})
+
+    def warnings() -> list[dict]:
+        return [r.fields for r in caplog.records
+                if r.levelname == "WARNING" and "no configured exporter owns" in r.getMessage()]
+
+    await agent._start_graph(agent.config)
+    try:
+        (start,) = warnings()
+        assert start["files"] == [{"path": str(state / "queues" / "otlp-old.db"),
+                                   "exporter": "otlp/old", "batches": 3, "items": 6}]
+        assert "reload" in start["hint"]
+        assert await agent.reload()
+        assert len(warnings()) == 2
+    finally:
+        assert agent.graph is not None
+        await agent.graph.shutdown(5)
+
+
 def test_sighup_with_broken_config_keeps_serving(tmp_path, ports, start_agent) -> None:
     grpc, http, health = ports
     ns = NotifySocket(tmp_path / "notify.sock")

@@ -19,7 +19,8 @@ class RetryConfig:
 
     The n-th wait is ``initial_interval * multiplier**n`` capped at ``max_interval``,
     randomised by ``± randomization_factor``; a ``retry_after`` hint from the backend
-    (``Retry-After``, gRPC ``RetryInfo``) replaces the computed wait. A batch is retried
+    (``Retry-After``, gRPC ``RetryInfo``) greater than 0 replaces the computed wait (a hint
+    of 0 or a date in the past is ignored: it would retry at once). A batch is retried
     until ``max_elapsed_time`` has passed since its first attempt, then dropped and
     counted; ``max_elapsed_time = 0`` retries forever (sensible with a persistent queue,
     whose bound then turns a long outage into backpressure instead of loss).
@@ -53,6 +54,8 @@ class QueueConfig:
     ``when_full = "block"`` turns a full queue into backpressure: ``put`` waits up to
     ``block_timeout`` for room, then raises ``RetryableError`` (the receiver answers
     503 / UNAVAILABLE). ``"drop_newest"`` drops the new batch and counts it.
+    With ``enabled = false`` (no queue) ``put`` retries for at most ``block_timeout``
+    (or ``retry_on_failure.max_elapsed_time`` when set and shorter), then refuses.
 
     ``persistent = true`` keeps the queue in SQLite under the state directory, so what
     was acknowledged survives a crash or restart. ``synchronous`` is SQLite's durability

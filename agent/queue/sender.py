@@ -32,6 +32,7 @@ from agent.pdata import Batch, batch_from_bytes
 from agent.queue.config import QueueConfig, RetryConfig
 from agent.queue.memory import MemoryAccountant
 from agent.queue.store import SqliteStore
+from agent.queue.stranded import claim
 
 # The wait suggested to a refused sender when our own queue is full or failing.
 REFUSAL_RETRY_AFTER = 1.0
@@ -87,8 +88,9 @@ class QueuedSender:
     rather than retried forever. ``send`` may be called concurrently by the workers;
     with several consumers, delivery order is not guaranteed.
 
-    With ``queue.enabled = false`` there is no queue: ``put`` sends (with retries) and
-    raises the final error to its caller, so nothing is acknowledged that was not sent.
+    With ``queue.enabled = false`` there is no queue: ``put`` sends (with retries, for
+    at most ``block_timeout``) and raises the final error to its caller, so nothing is
+    acknowledged that was not sent.
     ``name`` tells apart the files of several persistent queues of one component.
     ``decode(signal, data)`` rebuilds a batch restored from disk from its
     ``to_bytes()``; pass it when the queued batches are not OTLP requests (a
@@ -125,6 +127,7 @@ class QueuedSender:
         self._store: SqliteStore | None = None
         self._memory = MemoryAccountant()
         self._closed = False
+        self._drain_deadline = Host.shutdown_timeout  # the host's, once started
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -134,6 +137,7 @@ class QueuedSender:
         Raises ``QueueStorageError`` naming the path when the state directory is
         missing or unwritable, or the file is held by another sender.
         """
+        self._drain_deadline = host.shutdown_timeout
         if not self.qc.enabled:
             return
         shared = MemoryAccountant.of(host)
@@ -144,6 +148,7 @@ class QueuedSender:
             store = SqliteStore(path, self.qc.synchronous, self.tel)
             rows = await store.open()
             self._store = store
+            claim(host, path)
             for row in rows:
                 try:
                     signal = Signal(row.signal)
@@ -162,16 +167,22 @@ class QueuedSender:
         self._workers = [asyncio.create_task(self._worker(), name=f"{self.settings.id}-send-{i}")
                          for i in range(self.qc.consumers)]
 
-    async def shutdown(self, deadline: float = 5.0) -> None:
+    async def shutdown(self, deadline: float | None = None) -> None:
         """Stop intake and the workers within ``deadline`` seconds. Idempotent.
 
-        A memory queue drains into ``send`` until the deadline; what is left then is
-        dropped and counted (reason ``shutdown``). A persistent queue lets the attempts
-        in flight finish within the deadline and starts no new ones: what is queued
-        stays in the file for the next start.
+        ``deadline`` defaults to the host's ``shutdown_timeout`` (``service.shutdown_timeout``;
+        the graph's own deadline still bounds the whole shutdown). A memory queue drains
+        into ``send`` until the deadline; what is left then is dropped and counted
+        (reason ``shutdown``). A persistent queue lets the attempts in flight finish
+        within the deadline and starts no new ones: what is queued stays in the file
+        for the next start.
         """
         if self._closed:
             return
+        if deadline is None:
+            # A tenth of the graph's deadline is left to the exporter's own close
+            # (connections, sessions), which runs after this returns.
+            deadline = 0.9 * self._drain_deadline
         self._closed = True
         self._stopping.set()
         settled = self._idle if self._store is not None else self._drained
@@ -419,7 +430,10 @@ class QueuedSender:
                 if not rc.enabled or (limit > 0 and elapsed >= limit):
                     return _Failure("retries_exhausted", e, n)
                 hint = e.retry_after if isinstance(e, RetryableError) else None
-                delay = max(0.0, hint) if hint is not None else interval * (
+                # A hint of 0 or less ("Retry-After: 0", a date in the past) is no hint,
+                # as in the collector's exporterhelper: taken literally, it retries in a
+                # tight loop for as long as the peer keeps answering that way.
+                delay = hint if hint is not None and hint > 0 else interval * (
                     1 + rc.randomization_factor * (2 * random.random() - 1))
                 # A peer's hint is honoured up to a bound: "Retry-After: 86400" must not
                 # park a worker (with retry-forever defaults, for good).
@@ -449,8 +463,27 @@ class QueuedSender:
             raise _Stopped
 
     async def _send_direct(self, batch: Batch) -> None:
-        """No queue: send now and raise the final error, so the sender hears of it."""
-        failure = await self._deliver(batch)
+        """No queue: send now and raise the final error, so the sender hears of it.
+
+        The caller is a receiver's request, so retrying is bounded even when retries
+        are not (``max_elapsed_time = 0``): after ``block_timeout`` (or
+        ``max_elapsed_time`` when set and shorter) it gives up with ``RetryableError``,
+        abandoning an attempt still running. Requests parked for good on a backend
+        outage would pile up to the receiver's concurrency limit and stall the agent.
+        """
+        bound = self.qc.block_timeout
+        if 0 < self.rc.max_elapsed_time < bound:
+            bound = self.rc.max_elapsed_time
+        if bound <= 0:  # "never wait": still one attempt
+            bound = self.qc.timeout
+        try:
+            async with asyncio.timeout(bound):
+                failure = await self._deliver(batch)
+        except TimeoutError as e:
+            gave_up = RetryableError(f"no sending queue, and not delivered within {bound:g}s",
+                                     retry_after=REFUSAL_RETRY_AFTER)
+            gave_up.__cause__ = e
+            failure = _Failure("retries_exhausted", gave_up, batch.item_count)
         if failure is None:
             return
         self.tel.refused(batch.signal, failure.items, failure.reason, failure.error)

@@ -73,9 +73,12 @@ _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _JOURNAL_SIZE_LIMIT = 64 * 2**20
 
 # Rows per statement: one statement is one transaction and one GIL hand-off (see
-# ``_write``); these stay well within SQLite's 32766 bound parameters.
+# ``_write``). Each statement must also stay within the build's bound-variable limit,
+# read at open: 32766 since SQLite 3.32, but 999 before (RHEL 8 ships 3.26), where a
+# round of 1000 appends (7 variables a row) or 10000 deletes would fail every time.
 _MAX_APPENDS_PER_COMMIT = 1000
 _MAX_DELETES_PER_COMMIT = 10000
+_VARIABLES_PER_APPEND = 7
 
 # A checkpoint copies the WAL into the database file and, unless synchronous is
 # "off", fsyncs both: milliseconds to tens of milliseconds. SQLite runs it inside the
@@ -105,6 +108,10 @@ class StoredBatch:
 class SqliteStore:
     """The rows of one queue, in a SQLite file used from one dedicated thread."""
 
+    # Test seam: when set, lowers the connection's bound-variable limit to this, as an
+    # old SQLite build has it (``Connection.setlimit``).
+    variable_limit: int | None = None
+
     def __init__(self, path: Path, synchronous: str, telemetry: ComponentTelemetry) -> None:
         self.path = path
         self._synchronous = synchronous.upper()
@@ -117,6 +124,9 @@ class SqliteStore:
         self._deletes: list[int] = []
         self._writer: asyncio.Task[None] | None = None
         self._next_id = 1  # the id of the next appended row (ids give delivery order)
+        # Rows per round, sized at open from the build's bound-variable limit.
+        self._max_appends = _MAX_APPENDS_PER_COMMIT
+        self._max_deletes = _MAX_DELETES_PER_COMMIT
         # Background checkpoints: their own thread and connection.
         self._ckpt_executor: ThreadPoolExecutor | None = None
         self._ckpt_con: sqlite3.Connection | None = None
@@ -183,10 +193,10 @@ class SqliteStore:
     async def _write_pending(self) -> None:
         """Commit everything pending, one round at a time, until nothing is left."""
         while self._appends or self._deletes:
-            appends = self._appends[:_MAX_APPENDS_PER_COMMIT]
-            del self._appends[:_MAX_APPENDS_PER_COMMIT]
-            deletes = self._deletes[:_MAX_DELETES_PER_COMMIT]
-            del self._deletes[:_MAX_DELETES_PER_COMMIT]
+            appends = self._appends[:self._max_appends]
+            del self._appends[:self._max_appends]
+            deletes = self._deletes[:self._max_deletes]
+            del self._deletes[:self._max_deletes]
             first_id = self._next_id
             self._next_id += len(appends)
             try:
@@ -277,6 +287,12 @@ class SqliteStore:
         # Autocommit: every statement is its own transaction (see ``_write``).
         con = sqlite3.connect(self.path, isolation_level=None)
         try:
+            if self.variable_limit is not None:
+                con.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, self.variable_limit)
+            variables = con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+            self._max_appends = max(1, min(_MAX_APPENDS_PER_COMMIT,
+                                           variables // _VARIABLES_PER_APPEND))
+            self._max_deletes = max(1, min(_MAX_DELETES_PER_COMMIT, variables))
             con.execute("PRAGMA journal_mode=WAL")
             con.execute(f"PRAGMA synchronous={self._synchronous}")
             con.execute(f"PRAGMA journal_size_limit={_JOURNAL_SIZE_LIMIT}")

@@ -255,6 +255,24 @@ async def test_retry_after_is_capped_like_the_sending_queue(tmp_path):
     assert len(pd.accepted) == 1
 
 
+async def test_retry_after_zero_or_in_the_past_falls_back_to_the_backoff(tmp_path):
+    """``Retry-After: 0`` or a past date is no hint: retrying at once would spin."""
+    clock = FakeClock()
+    async with SlackServer() as slack:
+        slack.fail_next(503, {"Retry-After": "0"})
+        slack.fail_next(429, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})
+        exp = make_exporter({"rules": [RULE], "notifiers": {"slack": {
+            "webhook_url": slack.url, "retry": {"initial_interval": "2s", "multiplier": 2,
+                                                "randomization_factor": 0}}}}, clock)
+        await exp.start(make_host(tmp_path))
+        await feed(exp, clock, "lat", [({"service.name": "checkout"}, 0.9)])
+        await exp.evaluate_now()
+        await exp.flush()
+        await exp.shutdown()
+    assert len(slack.attempts) == 3 and len(slack.accepted) == 1
+    assert clock.sleeps[:2] == [2.0, 4.0]  # the configured backoff, not two zero waits
+
+
 # --------------------------------------------------------------------------- webhook, isolation
 
 

@@ -299,7 +299,8 @@ async def test_http_400_is_dropped_counted_and_not_retried(tmp_path, http_sink):
 
 @pytest.mark.parametrize("status", [429, 502, 503, 504])
 async def test_http_retryable_status_honours_retry_after(tmp_path, http_sink, status):
-    http_sink.responses = [(status, {"Retry-After": "0"}, b"busy")]
+    # A positive hint: "Retry-After: 0" counts as no hint (the 60 s backoff would apply).
+    http_sink.responses = [(status, {"Retry-After": "1"}, b"busy")]
     tel = Telemetry()
     cfg = OTLPExporterConfig(endpoint=f"http://127.0.0.1:{http_sink.port}",
                              protocol="http/protobuf", retry_on_failure=SLOW_BACKOFF)

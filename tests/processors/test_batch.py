@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 
-from agent.component import RetryableError
+from agent.component import PermanentError, RetryableError
 from agent.processors.batch import BatchProcessor
 from agent.processors.batch.config import BatchConfig
+from agent.telemetry import Telemetry
 from agent.testing import Sink, settings_for, span, trace_batch
 
 
@@ -30,8 +31,8 @@ def batch_of(n: int, tag: int = 0):
     return trace_batch([span(span_id=bytes([tag, i, 0, 0, 0, 0, 0, 1])) for i in range(n)])
 
 
-def processor(sink, **kw) -> BatchProcessor:
-    return BatchProcessor(settings_for("batch"), BatchConfig(**kw), sink)
+def processor(sink, telemetry: Telemetry | None = None, **kw) -> BatchProcessor:
+    return BatchProcessor(settings_for("batch", telemetry=telemetry), BatchConfig(**kw), sink)
 
 
 async def test_an_idle_pipeline_adds_no_wait() -> None:
@@ -121,3 +122,37 @@ async def test_refuses_when_too_much_is_pending() -> None:
     sink.gate.set()
     await asyncio.gather(busy, waiter)
     assert sink.item_count == 51
+
+
+async def test_a_flush_cut_by_the_drain_deadline_tells_every_contributor_to_retry() -> None:
+    """The graph's deadline cancels the flush: its callers hear "retry", not a cancellation."""
+    sink = GatedSink()  # never opens: an exporter queue that stays full
+    p = processor(sink, send_batch_size=1000, timeout=60, max_in_flight=1)
+    busy = asyncio.create_task(p.consume(batch_of(1, 1)))
+    await asyncio.sleep(0.01)
+    merged = [asyncio.create_task(p.consume(batch_of(n, t))) for t, n in ((2, 2), (3, 3))]
+    await asyncio.sleep(0.01)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(p.shutdown(), 0.05)  # Graph.shutdown at its deadline
+    results = await asyncio.gather(busy, *merged, return_exceptions=True)
+    assert [type(r) for r in results] == [RetryableError] * 3
+    assert all(str(r) == "agent is shutting down" and r.retry_after for r in results)
+
+
+async def test_a_partial_rejection_of_a_merged_batch_is_counted_once_not_per_caller() -> None:
+    """Nothing says whose item was rejected: each caller hears success (the rest of the
+    pipeline took its data) and the rejected item is counted once, not once per caller."""
+    sink, tel = GatedSink(), Telemetry()
+    p = processor(sink, tel, send_batch_size=1000, timeout=60, max_in_flight=1)
+    alone = asyncio.create_task(p.consume(batch_of(4, 1)))
+    await asyncio.sleep(0.01)
+    merged = [asyncio.create_task(p.consume(batch_of(n, t))) for t, n in ((2, 6), (3, 3))]
+    await asyncio.sleep(0.01)
+    sink.fail_with = PermanentError("peer rejected 1 item", rejected=1)
+    sink.gate.set()
+    with pytest.raises(PermanentError) as ei:  # one caller: the rejection is its own
+        await alone
+    assert ei.value.rejected == 1
+    assert await asyncio.gather(*merged) == [None, None]
+    snap = tel.snapshot("batch")
+    assert snap["mlagent_agent_dropped_items_total{reason=downstream_rejected,signal=traces}"] == 1

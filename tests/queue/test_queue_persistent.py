@@ -292,6 +292,79 @@ async def test_full_file_refuses_then_accepts_again_once_delivered(tmp_path, sma
     await sender.shutdown()
 
 
+@pytest.fixture
+def old_sqlite(monkeypatch):
+    """SQLite before 3.32 (RHEL 8's 3.26): at most 999 variables in one statement."""
+    monkeypatch.setattr(SqliteStore, "variable_limit", 999)
+
+
+async def test_a_burst_is_taken_on_an_sqlite_limited_to_999_variables(tmp_path, old_sqlite):
+    down = Backend()
+    down.down = True
+    sender, tel = make_sender(down)
+    await sender.start(make_host(tmp_path))
+    # 300 puts at once (many receivers' requests): one commit round, 2100 variables.
+    await asyncio.gather(*(sender.put(batch(f"b{i}")) for i in range(300)))
+    await sender.shutdown(deadline=0.05)
+    assert rows_in(tmp_path) == 300
+    assert not any(k.startswith("mlagent_agent_refused") and v
+                   for k, v in tel.snapshot("otlp/up").items())
+
+
+async def test_deletes_held_back_by_a_full_disk_catch_up_on_an_old_sqlite(
+        tmp_path, old_sqlite, monkeypatch):
+    """Deletes that piled up while they failed go in rounds the build accepts."""
+    down = Backend()
+    down.down = True
+    sender, _ = make_sender(down)
+    await sender.start(make_host(tmp_path))
+    for k in range(12):
+        await asyncio.gather(*(sender.put(batch(f"b{k}-{i}")) for i in range(100)))
+    await sender.shutdown(deadline=0.05)
+
+    disk_full = True
+    write = SqliteStore._write
+
+    def failing_deletes(self, first_id, rows, deletes):
+        if disk_full and deletes:
+            return write(self, first_id, rows, [])[0], sqlite3.OperationalError(
+                "database or disk is full")
+        return write(self, first_id, rows, deletes)
+
+    monkeypatch.setattr(SqliteStore, "_write", failing_deletes)
+    up = Backend()
+    sender, _ = make_sender(up)
+    await sender.start(make_host(tmp_path))
+    await up.wait_for(1100, timeout=20)
+    disk_full = False  # space is back while the backlog still drains
+    await up.wait_for(1200, timeout=20)
+    await sender.shutdown()
+    assert rows_in(tmp_path) == 0  # nothing left to be sent again at the next start
+
+
+async def test_only_files_no_running_sender_owns_and_that_hold_batches_are_named(tmp_path):
+    from agent.queue.stranded import warn_stranded_queue_files
+
+    down = Backend()
+    down.down = True
+    for cid, n in (("otlp/old", 2), ("otlp/emptied", 0)):
+        stale, _ = make_sender(down, cid=cid)
+        await stale.start(make_host(tmp_path))
+        for i in range(n):
+            await stale.put(batch(f"{cid}-{i}"))
+        await stale.shutdown(deadline=0.05)
+    host = make_host(tmp_path)
+    running, _ = make_sender(down)  # otlp/up, with a batch of its own
+    await running.start(host)
+    await running.put(batch("mine"))
+    try:
+        stranded = await warn_stranded_queue_files(host)
+    finally:
+        await running.shutdown(deadline=0.05)
+    assert [(f.path.name, f.exporter, f.rows, f.items) for f in stranded] == [
+        ("otlp-old.db", "otlp/old", 2, 2)]
+
+
 async def test_put_returns_only_after_its_row_is_committed(tmp_path):
     down = Backend()
     down.down = True

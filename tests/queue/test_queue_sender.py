@@ -76,6 +76,27 @@ async def test_a_huge_retry_after_is_capped(tmp_path, monkeypatch):
     assert waits and max(waits) <= 300
 
 
+@pytest.mark.parametrize("hint", [0.0, -3.0])
+async def test_a_retry_after_of_zero_or_less_backs_off_as_configured(tmp_path, monkeypatch, hint):
+    """``Retry-After: 0`` or a date in the past is no hint: no tight retry loop."""
+    backend = Backend()
+    backend.errors = [RetryableError("busy", retry_after=hint) for _ in range(3)]
+    retry = RetryConfig(initial_interval=2, max_interval=30, multiplier=2,
+                        randomization_factor=0, max_elapsed_time=0)
+    sender, _ = make_sender(backend, retry=retry, queue=QueueConfig(consumers=1))
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+
+    monkeypatch.setattr(sender, "_backoff", record)
+    await sender.start(make_host(tmp_path))
+    await sender.put(batch("a"))
+    await backend.wait_for(1)
+    await sender.shutdown()
+    assert waits == [2, 4, 8]
+
+
 async def test_intermittent_failures_lose_nothing(tmp_path):
     backend = Backend()
     backend.errors = [RetryableError("flaky"), ConnectionResetError("reset"),
@@ -255,6 +276,24 @@ async def test_disabled_queue_raises_the_final_error_to_the_caller(tmp_path):
     await sender.shutdown()
 
 
+async def test_disabled_queue_gives_up_after_block_timeout_even_when_retrying_forever(tmp_path):
+    """No queue and a backend down: the receiver's request is answered "retry" in
+    bounded time instead of waiting (with ``max_elapsed_time = 0``) for good."""
+    backend = Backend()
+    backend.down = True
+    sender, tel = make_sender(backend, queue=QueueConfig(enabled=False, block_timeout=0.2))
+    await sender.start(make_host(tmp_path))
+    with pytest.raises(RetryableError, match=r"not delivered within 0\.2s"):
+        await asyncio.wait_for(sender.put(batch("a", spans=3)), 5)
+    assert backend.calls > 1  # it did retry meanwhile
+    c = counters(tel)
+    assert c["mlagent_agent_refused_items_total{reason=retries_exhausted,signal=traces}"] == 3
+    backend.down = False
+    await sender.put(batch("b"))
+    assert names(backend.received) == ["b"]
+    await sender.shutdown()
+
+
 async def test_shutdown_of_a_memory_queue_counts_what_it_could_not_deliver(tmp_path):
     backend = Backend()
     backend.down = True
@@ -267,6 +306,34 @@ async def test_shutdown_of_a_memory_queue_counts_what_it_could_not_deliver(tmp_p
     assert counters(tel)["mlagent_agent_dropped_items_total{reason=shutdown,signal=traces}"] == 8
     with pytest.raises(RetryableError):
         await sender.put(batch("late"))
+
+
+async def test_a_memory_queue_drains_for_the_services_shutdown_timeout(tmp_path):
+    """The drain deadline is ``service.shutdown_timeout`` (from the host), not a fixed 5 s."""
+    backend = Backend()
+    backend.down = True
+    sender, tel = make_sender(backend)
+    host = make_host(tmp_path)
+    host.shutdown_timeout = 0.2
+    await sender.start(host)
+    await sender.put(batch("a", spans=2))
+    started = asyncio.get_running_loop().time()
+    await sender.shutdown()
+    assert asyncio.get_running_loop().time() - started < 2
+    assert counters(tel)["mlagent_agent_dropped_items_total{reason=shutdown,signal=traces}"] == 2
+
+    backend = Backend()
+    backend.down = True
+    sender, tel = make_sender(backend)
+    host = make_host(tmp_path)
+    host.shutdown_timeout = 30
+    await sender.start(host)
+    await sender.put(batch("b", spans=2))
+    shutdown = asyncio.create_task(sender.shutdown())
+    await asyncio.sleep(0.2)
+    backend.down = False  # back within the deadline: delivered, not dropped
+    await asyncio.wait_for(shutdown, 5)
+    assert names(backend.received) == ["b"]
 
 
 async def test_shutdown_without_start_is_safe(tmp_path):

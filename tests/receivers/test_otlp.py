@@ -549,6 +549,20 @@ async def test_permanent_error_is_a_partial_success_on_both_transports(rx):
     assert rx.counted("accepted_items") == 1
 
 
+async def test_a_partial_rejection_by_one_of_two_exporters_is_not_reported_to_the_sender(rx):
+    """Exporter A took all 10 spans, exporter B's peer rejected 1: the agent has the data,
+    so the sender is not told (nor counted) that 10 spans were rejected."""
+    from agent.graph import Fanout
+
+    took_all, part = Sink(), Flaky(PermanentError("peer rejected 1 item", rejected=1))
+    rx.receiver.next[Signal.TRACES] = Fanout([took_all, part])
+    ten = trace_batch([span(f"s{i}") for i in range(10)]).to_bytes()
+    response = await grpc_export(rx.grpc, ten)
+    assert response.partial_success.rejected_spans == 0
+    assert took_all.item_count == 10
+    assert rx.counted("accepted_items") == 10 and rx.counted("refused_items") == 0
+
+
 async def test_permanent_error_partial_success_in_json(rx):
     rx.receiver.next[Signal.METRICS] = Flaky(PermanentError("no"))
     metrics = encode_metrics(sdk_data().metrics)
@@ -640,6 +654,62 @@ async def test_shutdown_stops_intake_at_once_and_lets_requests_in_flight_finish(
     assert await grpc_request == ExportTraceServiceResponse()
     await asyncio.wait_for(rx.receiver.wait_closed(), 10)
     assert sorted(s.name for s in held.spans()) == ["grpc", "http"]
+
+
+async def test_requests_in_a_flush_cut_by_the_drain_deadline_are_told_to_retry(tmp_path):
+    """SIGTERM with a backend too slow to drain: each sender hears 503 / UNAVAILABLE."""
+    from agent.processors.batch import BatchProcessor
+    from agent.processors.batch.config import BatchConfig
+
+    rx = await start_receiver(tmp_path)
+    held = Held(1)  # the exporter's put never returns within the deadline
+    batcher = BatchProcessor(settings_for("batch"), BatchConfig(max_in_flight=1), held)
+    rx.receiver.next[Signal.TRACES] = batcher
+    first = asyncio.create_task(post(rx.url(), valid_traces("http")))
+    await asyncio.wait_for(held.arrived.wait(), 10)
+    second = asyncio.create_task(grpc_export(rx.grpc, valid_traces("grpc")))
+    while batcher._pending is None:  # the gRPC request waits for the next flush
+        await asyncio.sleep(0.01)
+    await rx.receiver.shutdown()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(batcher.shutdown(), 0.1)  # the graph's drain deadline
+    status, headers, body = await asyncio.wait_for(first, 10)
+    assert (status, status_body(body, PROTOBUF).message) == (503, "agent is shutting down")
+    assert "Retry-After" in headers
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await asyncio.wait_for(second, 10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert rx.counted("refused_items", "retryable") == 2
+    await asyncio.wait_for(rx.receiver.wait_closed(), 10)
+
+
+async def test_a_cancellation_from_downstream_is_refused_but_our_own_propagates(tmp_path):
+    """A stray CancelledError from the pipeline is a retryable refusal; cancelling the
+    request's own handler (client gone, grace over) still cancels it, uncounted."""
+
+    class CancelledBelow(Sink):
+        async def consume(self, batch) -> None:
+            raise asyncio.CancelledError
+
+    rx = await start_receiver(tmp_path)
+    try:
+        rx.receiver.next[Signal.TRACES] = CancelledBelow()
+        status, _, _ = await post(rx.url(), valid_traces())
+        assert status == 503
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await grpc_export(rx.grpc, valid_traces())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert rx.counted("refused_items", "retryable") == 2
+
+        held = rx.receiver.next[Signal.TRACES] = Held(1)
+        request = asyncio.create_task(rx.receiver.export("grpc", trace_batch([span("a")])))
+        await asyncio.wait_for(held.arrived.wait(), 10)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        assert rx.counted("refused_items") == 2
+    finally:
+        await stop(rx.receiver)
 
 
 async def test_requests_still_in_flight_after_the_grace_period_are_cancelled(tmp_path):

@@ -24,12 +24,16 @@ from agent.component import (
     Consumer,
     Host,
     Kind,
+    PermanentError,
     RetryableError,
     Settings,
     Signal,
 )
 from agent.pdata import Batch
 from agent.processors.batch.config import BatchConfig
+
+# The wait suggested to senders whose data was in a flush the shutdown deadline cancelled.
+SHUTDOWN_RETRY_AFTER = 1.0
 
 
 class _Pending:
@@ -41,6 +45,7 @@ class _Pending:
         self.bytes = first.byte_size
         self.done: asyncio.Future[None] = loop.create_future()
         self.timer: asyncio.TimerHandle | None = None
+        self.callers = 1  # requests merged into this batch
 
 
 class BatchProcessor:
@@ -76,6 +81,7 @@ class BatchProcessor:
             p.batch.extend(batch)
             p.items += batch.item_count
             p.bytes += batch.byte_size
+            p.callers += 1
         if p.items >= self.cfg.send_batch_size or len(self._flushing) < self.cfg.max_in_flight:
             self._flush_soon(p)
         await asyncio.shield(p.done)
@@ -93,24 +99,52 @@ class BatchProcessor:
     async def _flush(self, p: _Pending) -> None:
         try:
             await self.next.consume(p.batch)
+        except PermanentError as e:
+            if e.rejected is None or e.rejected >= p.items or p.callers == 1:
+                self._settle(p, e)
+            else:
+                # Part of a merged batch was rejected, and nothing says whose part: handing
+                # ``rejected`` to every contributor would tell each sender that its share
+                # was lost (and count the loss once per sender). The rest of the pipeline
+                # took the data, so the callers hear success and the drop is counted here,
+                # once.
+                self.settings.telemetry.dropped(p.batch.signal, e.rejected,
+                                                "downstream_rejected", e)
+                self._settle(p, None)
+        except asyncio.CancelledError:
+            # A flush cancelled by the drain deadline did not deliver: the waiters'
+            # senders must hear "retry" (503 / UNAVAILABLE), not a cancellation that is
+            # not theirs and that their receiver would answer with nothing.
+            self._settle(p, RetryableError("agent is shutting down",
+                                           retry_after=SHUTDOWN_RETRY_AFTER))
+            raise
         except BaseException as e:  # every waiter gets the flush's outcome
-            if not p.done.done():
-                p.done.set_exception(e)
-            # Retrieve it once so an unwaited future does not warn.
-            p.done.exception()
-            if isinstance(e, asyncio.CancelledError):
-                raise
+            self._settle(p, e)
         else:
-            if not p.done.done():
-                p.done.set_result(None)
+            self._settle(p, None)
         finally:
             self._flushing.discard(asyncio.current_task())  # type: ignore[arg-type]
             # What arrived during this flush goes now (group commit).
             if self._pending is not None and len(self._flushing) < self.cfg.max_in_flight:
                 self._flush_soon(self._pending)
 
+    @staticmethod
+    def _settle(p: _Pending, error: BaseException | None) -> None:
+        """Give every waiter of ``p`` the flush's outcome."""
+        if p.done.done():
+            return
+        if error is None:
+            p.done.set_result(None)
+        else:
+            p.done.set_exception(error)
+            p.done.exception()  # retrieved once, so an unwaited future does not warn
+
     async def shutdown(self) -> None:
-        """Flush what is pending and wait for in-flight flushes."""
+        """Flush what is pending and wait for in-flight flushes.
+
+        When the graph's drain deadline cancels this wait, the flushes are cancelled
+        too and their callers get ``RetryableError`` ("agent is shutting down").
+        """
         self._closed = True
         if self._pending is not None:
             self._flush_soon(self._pending)

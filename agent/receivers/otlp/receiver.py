@@ -150,6 +150,15 @@ class OtlpReceiver:
                 self.telemetry.accepted(signal, n - rejected)
             # Partial success: still a success to the client, which must not retry it.
             return response_for(signal, rejected, str(e) or "rejected")
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this request's own handler is cancelled (client gone, grace over)
+            # A cancellation from further down (a flush cut by the drain deadline) that
+            # is not ours: the data was not taken, so the sender must hear "retry".
+            raise self.refuse(transport, signal, "retryable", n, code_pb2.UNAVAILABLE,
+                              "agent is shutting down", error=e,
+                              retry_after=DEFAULT_RETRY_AFTER) from None
         except Exception as e:
             self.telemetry.error("consumer failed unexpectedly", signal=str(signal),
                                  error=f"{type(e).__name__}: {e}")

@@ -239,10 +239,12 @@ class Channel:
                     return False
                 # The peer's Retry-After wins, up to the bound the sending queue applies
                 # (a hostile "Retry-After: 86400" must not park the channel); our own
-                # backoff grows only when it is used.
+                # backoff grows only when it is used. A hint of 0 or less ("Retry-After:
+                # 0", a date in the past) is no hint, as in QueuedSender: taken literally
+                # it would retry in a tight loop.
                 hint = getattr(e, "retry_after", None)
-                if hint is not None:
-                    delay = min(max(0.0, hint), max(retry.max_interval, MAX_HINT_S))
+                if hint is not None and hint > 0:
+                    delay = min(hint, max(retry.max_interval, MAX_HINT_S))
                 else:
                     delay = interval * (1 + retry.randomization_factor * (2 * random.random() - 1))
                     interval = min(interval * retry.multiplier, retry.max_interval)
