@@ -46,6 +46,15 @@ def dropped(tel: Telemetry, reason: str) -> float:
 # --------------------------------------------------------------------------- Slack
 
 
+async def fire_once(exp, clock: FakeClock, tmp_path) -> None:
+    """Start ``exp``, make RULE fire for checkout, deliver what it sends, stop."""
+    await exp.start(make_host(tmp_path))
+    await feed(exp, clock, "lat", [({"service.name": "checkout"}, 0.9)])
+    await exp.evaluate_now()
+    await exp.flush()
+    await exp.shutdown()
+
+
 async def test_slack_messages_follow_the_webhook_contract(tmp_path):
     clock = FakeClock()
     async with SlackServer() as slack:
@@ -86,11 +95,7 @@ async def test_slack_honours_retry_after_and_retries_5xx(tmp_path):
         exp = make_exporter({"rules": [RULE], "notifiers": {"slack": {
             "webhook_url": slack.url, "retry": {"initial_interval": "2s",
                                                 "randomization_factor": 0}}}}, clock, tel)
-        await exp.start(make_host(tmp_path))
-        await feed(exp, clock, "lat", [({"service.name": "checkout"}, 0.9)])
-        await exp.evaluate_now()
-        await exp.flush()
-        await exp.shutdown()
+        await fire_once(exp, clock, tmp_path)
     assert len(slack.attempts) == 3 and len(slack.accepted) == 1
     assert slack.attempts[0] == slack.attempts[2]
     assert clock.sleeps[:2] == [7.0, 2.0]  # Retry-After, then the configured backoff
@@ -153,11 +158,7 @@ async def test_pagerduty_retries_429_and_5xx_with_the_same_dedup_key(tmp_path):
         pd.fail_next(429, {"Retry-After": "3"})
         exp = make_exporter({"rules": [RULE], "notifiers": {"pagerduty": {
             "routing_key": ROUTING_KEY, "url": pd.url}}}, clock)
-        await exp.start(make_host(tmp_path))
-        await feed(exp, clock, "lat", [({"service.name": "checkout"}, 0.9)])
-        await exp.evaluate_now()
-        await exp.flush()
-        await exp.shutdown()
+        await fire_once(exp, clock, tmp_path)
     assert [e["dedup_key"] for e in pd.attempts] == [fingerprint(EXPECTED_LABELS)] * 3
     assert len(pd.accepted) == 1
     assert 3.0 in clock.sleeps
@@ -169,11 +170,7 @@ async def test_pagerduty_400_is_not_retried(tmp_path):
         pd.fail_next(400, body='{"status":"invalid event"}')
         exp = make_exporter({"rules": [RULE], "notifiers": {"pagerduty": {
             "routing_key": ROUTING_KEY, "url": pd.url}}}, clock, tel)
-        await exp.start(make_host(tmp_path))
-        await feed(exp, clock, "lat", [({"service.name": "checkout"}, 0.9)])
-        await exp.evaluate_now()
-        await exp.flush()
-        await exp.shutdown()
+        await fire_once(exp, clock, tmp_path)
     assert len(pd.attempts) == 1 and pd.accepted == []
     assert clock.sleeps == []
     assert dropped(tel, "pagerduty:rejected") == 1
@@ -210,11 +207,7 @@ async def test_max_elapsed_time_zero_retries_until_the_peer_answers(tmp_path):
         exp = make_exporter({"rules": [RULE], "notifiers": {"slack": {
             "webhook_url": slack.url, "retry": {"max_elapsed_time": "0s",
                                                 "randomization_factor": 0}}}}, clock, tel)
-        await exp.start(make_host(tmp_path))
-        await feed(exp, clock, "lat", [({"service.name": "checkout"}, 0.9)])
-        await exp.evaluate_now()
-        await exp.flush()
-        await exp.shutdown()
+        await fire_once(exp, clock, tmp_path)
     assert len(slack.attempts) == 13 and len(slack.accepted) == 1
     assert sum(clock.sleeps) > 120
     assert dropped(tel, "slack:retries_exhausted") == 0
@@ -227,11 +220,7 @@ async def test_retry_after_past_the_budget_gets_a_last_attempt_at_the_deadline(t
         exp = make_exporter({"rules": [RULE], "notifiers": {"pagerduty": {
             "routing_key": ROUTING_KEY, "url": pd.url,
             "retry": {"max_elapsed_time": "1m"}}}}, clock, tel)
-        await exp.start(make_host(tmp_path))
-        await feed(exp, clock, "lat", [({"service.name": "checkout"}, 0.9)])
-        await exp.evaluate_now()
-        await exp.flush()
-        await exp.shutdown()
+        await fire_once(exp, clock, tmp_path)
     assert clock.sleeps == [60.0]  # not an hour, and not a drop: once more at the deadline
     assert len(pd.attempts) == 2 and len(pd.accepted) == 1
     assert dropped(tel, "pagerduty:retries_exhausted") == 0
@@ -246,11 +235,7 @@ async def test_retry_after_is_capped_like_the_sending_queue(tmp_path):
         exp = make_exporter({"rules": [RULE], "notifiers": {"pagerduty": {
             "routing_key": ROUTING_KEY, "url": pd.url,
             "retry": {"max_elapsed_time": "0s"}}}}, clock)
-        await exp.start(make_host(tmp_path))
-        await feed(exp, clock, "lat", [({"service.name": "checkout"}, 0.9)])
-        await exp.evaluate_now()
-        await exp.flush()
-        await exp.shutdown()
+        await fire_once(exp, clock, tmp_path)
     assert clock.sleeps == [MAX_HINT_S]  # a day's Retry-After waits 5 minutes
     assert len(pd.accepted) == 1
 
@@ -264,11 +249,7 @@ async def test_retry_after_zero_or_in_the_past_falls_back_to_the_backoff(tmp_pat
         exp = make_exporter({"rules": [RULE], "notifiers": {"slack": {
             "webhook_url": slack.url, "retry": {"initial_interval": "2s", "multiplier": 2,
                                                 "randomization_factor": 0}}}}, clock)
-        await exp.start(make_host(tmp_path))
-        await feed(exp, clock, "lat", [({"service.name": "checkout"}, 0.9)])
-        await exp.evaluate_now()
-        await exp.flush()
-        await exp.shutdown()
+        await fire_once(exp, clock, tmp_path)
     assert len(slack.attempts) == 3 and len(slack.accepted) == 1
     assert clock.sleeps[:2] == [2.0, 4.0]  # the configured backoff, not two zero waits
 

@@ -278,29 +278,15 @@ async def test_per_item_429_retries_only_those_items_until_stored(tmp_path, es):
     assert not any(k.startswith("mlagent_agent_dropped") for k in snap)
 
 
-async def test_permanent_item_errors_are_dropped_counted_and_dead_lettered(tmp_path, es):
-    es.faults.reject_marker = "poison"
-    cfg = config(es, dead_letter_file=Path("dead/es.jsonl"))
-    snap = await export(tmp_path, cfg, [logs("fine", "poison pill", "also fine")])
-    assert sorted(d["message"] for d in es.documents(LOGS)) == ["also fine", "fine"]
-    assert es.bulk_requests == 1  # not retried
-    assert snap["mlagent_agent_dropped_items_total{reason=permanent_error,signal=logs}"] == 1
-    assert snap["mlagent_agent_sent_items_total{signal=logs}"] == 2
-    assert snap[("mlagent_agent_elasticsearch_refused_documents_total"
-                 "{reason=document_parsing_exception,signal=logs}")] == 1
-    (line,) = (tmp_path / "dead" / "es.jsonl").read_text().splitlines()
-    dead = json.loads(line)
-    assert dead["status"] == 400
-    assert dead["index"] == LOGS
-    assert dead["error"]["type"] == "document_parsing_exception"
-    assert dead["document"]["message"] == "poison pill"
-
-
-async def test_per_item_5xx_is_refused_for_good_instead_of_retried_forever(tmp_path, es):
-    """A per-item 500 (an ingest pipeline's fail processor) comes back on every attempt:
-    the document is refused like any permanent item error, the rest of the batch is
-    stored, and the batch finishes, even with the default max_elapsed_time = 0."""
-    es.faults.item_500_marker = "poison"
+@pytest.mark.parametrize("fault, status, error", [
+    ("reject_marker", 400, "document_parsing_exception"),
+    # An ingest pipeline's fail processor answers 500 on every attempt: refused like any
+    # permanent item error, never retried forever (max_elapsed_time = 0 below).
+    ("item_500_marker", 500, "fail_processor_exception"),
+], ids=["400", "5xx"])
+async def test_permanent_item_errors_are_dropped_counted_and_dead_lettered(
+        tmp_path, es, fault, status, error):
+    setattr(es.faults, fault, "poison")
     cfg = config(es, dead_letter_file=Path("dead/es.jsonl"),
                  retry_on_failure=RetryConfig(initial_interval=0.01, max_interval=0.05,
                                               randomization_factor=0, max_elapsed_time=0))
@@ -310,10 +296,10 @@ async def test_per_item_5xx_is_refused_for_good_instead_of_retried_forever(tmp_p
     assert snap["mlagent_agent_dropped_items_total{reason=permanent_error,signal=logs}"] == 1
     assert snap["mlagent_agent_sent_items_total{signal=logs}"] == 2
     assert snap[("mlagent_agent_elasticsearch_refused_documents_total"
-                 "{reason=fail_processor_exception,signal=logs}")] == 1
+                 f"{{reason={error},signal=logs}}")] == 1
     (line,) = (tmp_path / "dead" / "es.jsonl").read_text().splitlines()
     dead = json.loads(line)
-    assert (dead["status"], dead["error"]["type"]) == (500, "fail_processor_exception")
+    assert (dead["status"], dead["index"], dead["error"]["type"]) == (status, LOGS, error)
     assert dead["document"]["message"] == "poison pill"
 
 

@@ -57,32 +57,11 @@ async def test_retryable_failures_are_retried_until_delivered_and_honour_retry_a
     assert c["mlagent_agent_send_failed_items_total{reason=retryable_error,signal=traces}"] == 3
 
 
-async def test_a_huge_retry_after_is_capped(tmp_path, monkeypatch):
-    """A peer asking for a day's pause does not park the worker for a day."""
+async def backoff_waits(tmp_path, monkeypatch, errors: list[Exception],
+                        retry: RetryConfig) -> list[float]:
+    """The waits between attempts of one batch whose first sends fail with ``errors``."""
     backend = Backend()
-    backend.errors = [RetryableError("busy", retry_after=86_400)]
-    sender, _ = make_sender(backend, retry=RetryConfig(max_interval=1, max_elapsed_time=0),
-                            queue=QueueConfig(consumers=1))
-    waits: list[float] = []
-
-    async def record(delay: float) -> None:
-        waits.append(delay)
-
-    monkeypatch.setattr(sender, "_backoff", record)
-    await sender.start(make_host(tmp_path))
-    await sender.put(batch("a"))
-    await backend.wait_for(1)
-    await sender.shutdown()
-    assert waits and max(waits) <= 300
-
-
-@pytest.mark.parametrize("hint", [0.0, -3.0])
-async def test_a_retry_after_of_zero_or_less_backs_off_as_configured(tmp_path, monkeypatch, hint):
-    """``Retry-After: 0`` or a date in the past is no hint: no tight retry loop."""
-    backend = Backend()
-    backend.errors = [RetryableError("busy", retry_after=hint) for _ in range(3)]
-    retry = RetryConfig(initial_interval=2, max_interval=30, multiplier=2,
-                        randomization_factor=0, max_elapsed_time=0)
+    backend.errors = errors
     sender, _ = make_sender(backend, retry=retry, queue=QueueConfig(consumers=1))
     waits: list[float] = []
 
@@ -94,6 +73,24 @@ async def test_a_retry_after_of_zero_or_less_backs_off_as_configured(tmp_path, m
     await sender.put(batch("a"))
     await backend.wait_for(1)
     await sender.shutdown()
+    return waits
+
+
+async def test_a_huge_retry_after_is_capped(tmp_path, monkeypatch):
+    """A peer asking for a day's pause does not park the worker for a day."""
+    waits = await backoff_waits(tmp_path, monkeypatch,
+                                [RetryableError("busy", retry_after=86_400)],
+                                RetryConfig(max_interval=1, max_elapsed_time=0))
+    assert waits and max(waits) <= 300
+
+
+@pytest.mark.parametrize("hint", [0.0, -3.0])
+async def test_a_retry_after_of_zero_or_less_backs_off_as_configured(tmp_path, monkeypatch, hint):
+    """``Retry-After: 0`` or a date in the past is no hint: no tight retry loop."""
+    waits = await backoff_waits(
+        tmp_path, monkeypatch, [RetryableError("busy", retry_after=hint) for _ in range(3)],
+        RetryConfig(initial_interval=2, max_interval=30, multiplier=2,
+                    randomization_factor=0, max_elapsed_time=0))
     assert waits == [2, 4, 8]
 
 
