@@ -32,7 +32,7 @@ from agent.pdata import Batch, batch_from_bytes
 from agent.queue.config import QueueConfig, RetryConfig
 from agent.queue.memory import MemoryAccountant
 from agent.queue.store import SqliteStore
-from agent.queue.stranded import claim
+from agent.queue.stranded import claim, queue_directory
 
 # The wait suggested to a refused sender when our own queue is full or failing.
 REFUSAL_RETRY_AFTER = 1.0
@@ -144,7 +144,7 @@ class QueuedSender:
         shared.add(self._memory.held)  # what was put before start
         self._memory = shared
         if self.qc.persistent:
-            path = host.state_dir / "queues" / queue_file_name(self.settings.id, self._name)
+            path = queue_directory(host.state_dir) / queue_file_name(self.settings.id, self._name)
             store = SqliteStore(path, self.qc.synchronous, self.tel)
             rows = await store.open()
             self._store = store

@@ -26,6 +26,11 @@ class QueueFiles(set[str]):
     """The names of the queue files the senders of one running graph opened."""
 
 
+def queue_directory(state_dir: Path) -> Path:
+    """Where persistent queue files live: ``<state_dir>/queues``."""
+    return state_dir / "queues"
+
+
 def claim(host: Host, path: Path) -> None:
     """Record that a sender of this graph owns the queue file ``path``."""
     host.service(QUEUE_FILES, QueueFiles).add(path.name)
@@ -73,7 +78,7 @@ def stranded_queue_files(directory: Path, owned: set[str]) -> list[StrandedFile]
 async def warn_stranded_queue_files(host: Host) -> list[StrandedFile]:
     """Log one warning naming the queue files no sender of the running graph opened."""
     owned = host.service(QUEUE_FILES, QueueFiles)
-    directory = host.state_dir / "queues"
+    directory = queue_directory(host.state_dir)
     try:
         stranded = await asyncio.to_thread(stranded_queue_files, directory, set(owned))
     except OSError as e:  # a check, not a reason to refuse the config
