@@ -12,7 +12,7 @@ analysed or evicted are *late* and counted too, rather than starting a second,
 partial copy of the trace.
 
 Spans live in a columnar ``SpanStore``; the Python-level bookkeeping is per trace
-(first/last arrival, root seen, span count), touched once per trace per batch.
+(last arrival, root seen, span count), touched once per trace per batch.
 Times are seconds of the injectable monotonic clock the connector passes in.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 from agent.connectors.latency.spans import Spans, SpanStore
 
 # Fields of a trace's bookkeeping entry, a small list per trace (cheaper than an object).
-_FIRST, _LAST, _ROOT, _COUNT = range(4)
+_LAST, _ROOT, _COUNT = range(3)
 
 
 @dataclass
@@ -49,7 +49,7 @@ class TraceBuffer:
         self.max_spans = max_spans
         self.decision_wait = decision_wait
         self.root_timeout = root_timeout
-        self.traces: dict[int, list] = {}  # trace key -> [first, last, has_root, spans]
+        self.traces: dict[int, list] = {}  # trace key -> [last arrival, has_root, spans]
         self.store = SpanStore()
         self.span_count = 0
         # Keys of traces already analysed or evicted, remembered (FIFO, as many as
@@ -72,10 +72,9 @@ class TraceBuffer:
         added = 0
         # New traces enter the buffer (and later leave it) in order of first arrival.
         order = np.argsort(first, kind="stable")
-        for j, k, c, root, t0, t1 in zip(
+        for j, k, c, root, t1 in zip(
                 order.tolist(), uniq[order].tolist(), counts[order].tolist(),
-                has_root[order].tolist(), first[order].tolist(), last[order].tolist(),
-                strict=True):
+                has_root[order].tolist(), last[order].tolist(), strict=True):
             if k == 0:
                 out.count("invalid_trace_id", c)
                 keep[j] = False
@@ -86,7 +85,7 @@ class TraceBuffer:
                     out.count("late_span", c)
                     keep[j] = False
                     continue
-                t = traces[k] = [t0, t1, False, 0]
+                t = traces[k] = [t1, False, 0]
             t[_LAST] = max(t[_LAST], t1)
             t[_ROOT] = t[_ROOT] or root
             t[_COUNT] += c
